@@ -1,0 +1,5 @@
+import sys
+
+from s2m2.cli import main
+
+sys.exit(main())
