@@ -288,7 +288,7 @@ class PreparedSplit(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)  # copy: memmap is read-only
         return image, int(self.labels[index])
 
     def __repr__(self) -> str:
