@@ -1,0 +1,75 @@
+"""Conv-4: four ``conv3x3(64) - BN - ReLU - maxpool2`` blocks (the classic few-shot backbone).
+
+Feature: by default global average pooling -> 64-d, which works at any input size. CloserLook (the
+release's parent) *flattens* the last map instead (84 px -> 5x5x64 = 1600-d, 28 px -> 64-d); pass
+``pool="flatten", input_size=S`` for that, and feed images of exactly ``S`` pixels.
+Mixup points: input, after each of the four blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from s2m2.models import register_backbone
+from s2m2.models.base import Backbone
+
+
+class FlattenExact(nn.Module):
+    """(B, C, side, side) -> (B, C * side * side), refusing other sizes (the feature size would change)."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.side, self.side):
+            raise ValueError(f"Conv-4 with pool='flatten' was built for {self.side}x{self.side} final maps, "
+                             f"got {tuple(x.shape[-2:])}: feed images of the input_size it was built for")
+        return x.flatten(1)
+
+
+def _conv_block(in_planes: int, out_planes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, 3, padding=1),
+        nn.BatchNorm2d(out_planes),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(Backbone):
+    """``forward(x (B, 3, H, W), mix_spec=None) -> (B, feature_dim)``.
+
+    ``pool="avg"``: feature_dim = ``width``; ``pool="flatten"``: feature_dim = ``width * s * s`` with
+    ``s = input_size // 16`` (four floor-halvings), and inputs must be ``input_size`` pixels.
+    """
+
+    def __init__(self, width: int = 64, depth: int = 4, pool: str = "avg", input_size: int | None = None):
+        super().__init__()
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"Conv-4 pool must be 'avg' or 'flatten', got {pool!r}")
+        self.stem = nn.Identity()
+        self.stages = nn.ModuleList([_conv_block(3 if i == 0 else width, width) for i in range(depth)])
+        if pool == "avg":
+            self.tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.feature_dim = width
+        else:
+            if input_size is None:
+                raise ValueError("Conv-4 with pool='flatten' needs input_size to know its feature size")
+            side = input_size
+            for _ in range(depth):
+                side //= 2
+            if side < 1:
+                raise ValueError(f"input_size {input_size} is too small for {depth} max-pools")
+            self.tail = FlattenExact(side)
+            self.feature_dim = width * side * side
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+@register_backbone("conv4")
+def conv4(width: int = 64, pool: str = "avg", input_size: int | None = None) -> Conv4:
+    return Conv4(width=width, depth=4, pool=pool, input_size=input_size)
