@@ -26,9 +26,10 @@ import torch
 from s2m2.data.prepared import PreparedDataError, open_split
 from s2m2.data.transforms import EvalTransform
 from s2m2.evaluate import (add_feature_transform_args, add_head_args, apply_feature_transform, features_provenance,
-                           format_table, head_options_from_args, parse_queries, run_protocol, write_json_atomic)
+                           format_table, head_options_from_args, parse_queries, run_protocol)
 from s2m2.features import FeaturesError, features_for_checkpoint
 from s2m2.fewshot.feature_transforms import FeatureTransform
+from s2m2.utils import atomic_write_json
 
 VARIANTS = ("base64", "all100")
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           f"features {features_path}")
     print(format_table(results, args.head))
     if args.out:
-        write_json_atomic(args.out, {
+        atomic_write_json(args.out, {
             "format": "s2m2-cross-domain", "format_version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "variant": variant, "variant_reason": how,
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "head": {"name": args.head, "options": head_options}, "feature_transform": transform_record,
             "device": str(args.device), "torch": torch.__version__,
             "results": results, "wall_seconds": time.perf_counter() - wall,
-        })
+        }, indent=None)
         print(f"wrote {args.out}")
     return 0
 

@@ -10,10 +10,8 @@ the features' provenance (checkpoint and split fingerprints), every per-episode 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +24,7 @@ from s2m2.fewshot.episodes import EpisodeError, sample_episodes
 from s2m2.fewshot.feature_transforms import FeatureTransform
 from s2m2.fewshot.heads import HEADS, CosineOptions, evaluate_episodes_detailed
 from s2m2.fewshot.stats import mean_ci95
+from s2m2.utils import atomic_write_json
 
 RESULTS_FORMAT = "s2m2-evaluation"
 
@@ -103,24 +102,6 @@ def format_table(results: list[dict[str, Any]], head: str) -> str:
                      f"{r['mean']:6.2f} +- {r['ci95']:<12.2f} {r['head_seconds'] + r['sampling_seconds']:7.1f}"
                      f"{extra}")
     return "\n".join(lines)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def features_provenance(payload: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
@@ -203,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
           f"feature transform {transform_record}")
     print(format_table(results, args.head))
     if args.out:
-        write_json_atomic(args.out, {
+        atomic_write_json(args.out, {
             "format": RESULTS_FORMAT, "format_version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "features": features_provenance(payload, args.features),
@@ -211,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "feature_transform": transform_record,
             "device": str(args.device), "torch": torch.__version__,
             "results": results, "wall_seconds": time.perf_counter() - wall,
-        })
+        }, indent=None)
         print(f"wrote {args.out}")
     return 0
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2m2.utils import atomic_write_json
+
 FORMAT_NAME = "s2m2-prepared"
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("base", "val", "novel", "all")
@@ -45,16 +47,6 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -167,7 +159,7 @@ class PreparedWriter:
         per_class = np.bincount(labels, minlength=num_classes)
         writer.images.flush()
         writer.labels.flush()
-        _write_json_atomic(self._tmp / name / "classes.json",
+        atomic_write_json(self._tmp / name / "classes.json",
                            {"names": writer.class_names, "ids": writer.class_ids})
         complete = ((expected_classes is None or expected_classes == num_classes)
                     and (expected_images is None or expected_images == len(labels)))
@@ -199,7 +191,7 @@ class PreparedWriter:
         for name in self.meta["splits"]:
             for fname in ("images.npy", "labels.npy"):
                 self.meta["checksums"][f"{name}/{fname}"] = _sha256(self._tmp / name / fname)
-        _write_json_atomic(self._tmp / "meta.json", self.meta)
+        atomic_write_json(self._tmp / "meta.json", self.meta)
         old: Path | None = None
         if self.out_dir.exists():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
