@@ -462,6 +462,14 @@ def is_wnid(name: str) -> bool:
     return bool(_WNID.match(name))
 
 
+def find_ilsvrc_tree(root: Path) -> Path | None:
+    """The ILSVRC train tree (a folder of ``nXXXXXXXX/`` class folders) at ``root/train`` or ``root``."""
+    for tree in (root / "train", root):
+        if tree.is_dir() and any(is_wnid(p.name) and p.is_dir() for p in tree.iterdir()):
+            return tree
+    return None
+
+
 def _ilsvrc_number(path: Path) -> int:
     match = _ILSVRC_NUMBER.search(path.name)
     if not match:

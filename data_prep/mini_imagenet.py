@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.common import (FEWSHOT_SPLITS, IMAGE_EXTENSIONS, ClassImages, DecodeSpec, PrepareError,
-                              SplitFile, check_classes, check_not_html, has_extension, ilsvrc_class_images,
-                              is_wnid, load_pickle, record_split_files, split_file, text_keys,
-                              write_array_split, write_class_split)
+                              SplitFile, check_classes, check_not_html, find_ilsvrc_tree, has_extension,
+                              ilsvrc_class_images, is_wnid, load_pickle, record_split_files, split_file,
+                              text_keys, write_array_split, write_class_split)
 from s2m2.data import PreparedWriter
 
 DATASET = "mini-imagenet"
@@ -85,9 +85,8 @@ def detect_layout(source: Path) -> tuple[str, Path]:
         return "pickle", root
     if (root / "images").is_dir():
         return "ravi", root
-    for tree in (root / "train", root):
-        if tree.is_dir() and any(is_wnid(p.name) and p.is_dir() for p in tree.iterdir()):
-            return "ilsvrc", tree
+    if (tree := find_ilsvrc_tree(root)) is not None:
+        return "ilsvrc", tree
     raise PrepareError(f"{source}: no mini-ImageNet layout found: expected images/ + train/val/test.csv "
                        f"(Ravi), mini-imagenet-cache-{{train,validation,test}}.pkl, or an ILSVRC train tree "
                        f"of nXXXXXXXX/ class folders")

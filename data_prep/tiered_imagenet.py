@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.common import (FEWSHOT_SPLITS, ClassImages, DecodeSpec, ImageItem, PrepareError, SplitFile,
-                              as_text, check_classes, ilsvrc_class_images, is_wnid, load_pickle,
+                              as_text, check_classes, find_ilsvrc_tree, ilsvrc_class_images, is_wnid,
+                              load_pickle,
                               record_split_files, split_file, text_keys, write_class_split, write_split)
 from s2m2.data import PreparedWriter
 
@@ -59,9 +60,8 @@ def detect_layout(source: Path) -> tuple[str, Path]:
     if any((root / f"{name}_images_png.pkl").exists() or (root / f"{name}_labels.pkl").exists()
            for name in FILE_SPLITS.values()):
         return "ren-pickles", root
-    for tree in (root / "train", root):
-        if tree.is_dir() and any(is_wnid(p.name) and p.is_dir() for p in tree.iterdir()):
-            return "ilsvrc", tree
+    if (tree := find_ilsvrc_tree(root)) is not None:
+        return "ilsvrc", tree
     raise PrepareError(f"{source}: no tiered-ImageNet layout found: expected "
                        f"{{train,val,test}}_images_png.pkl + {{split}}_labels.pkl (Ren et al.), or an ILSVRC "
                        f"train tree of nXXXXXXXX/ class folders")
