@@ -1,0 +1,767 @@
+"""The training loop: data from the prepared uint8 arrays, batched augmentation on the device, every method,
+validation-driven early stopping, exact resume, and DDP through torchrun.
+
+Determinism. Nothing random depends on hidden state carried across steps:
+
+- the sample order of epoch e is ``randperm(N)`` from a generator seeded with (seed, e);
+- global step s of epoch e takes ``perm[s*G:(s+1)*G]`` (G = global batch); under DDP rank r takes the
+  r-th of ``world`` equal contiguous slices of it, so one process with batch G sees the same batches;
+- every step's augmentation / mixup / subset draws come from a fresh CPU generator seeded with
+  (seed, e, s, rank), and the global torch RNG (dropout) is re-seeded from (seed, e, s, rank) too.
+
+So a run resumed from any checkpoint (end of epoch, or mid-epoch after ``schedule.max_steps``) continues
+bit-for-bit on CPU. The RNG states are still saved in the checkpoint (and restored) for completeness.
+
+Phases. ``s2m2_r`` / ``s2m2_e`` with ``schedule.phase1_epochs > 0`` run phase 1 (``rotation`` /
+``exemplar``) and then phase 2 in one command; with ``schedule.init_from`` phase 2 starts from a phase-1
+checkpoint. At the hand-off the rotation head and the Adam state are kept, unless
+``method.release_handoff`` (re-initialised rotation head and a fresh Adam, as the release does).
+Validation and patience run in every phase; early stopping in phase 1 moves on to phase 2. ``best.pt``
+holds the best epoch of the final phase (phase 1's best is kept as ``phase1_best.pt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from s2m2.config import PHASE1_METHOD, ConfigError, TrainConfig, config_diff
+from s2m2.data import EvalTransform, PreparedSplit, open_split
+from s2m2.data.augment import TrainAugment
+from s2m2.models import create_backbone
+from s2m2.models.heads import create_head
+from s2m2.objectives import ROTATION_METHODS, STEPS, StepContext, TrainModel
+from s2m2.utils import atomic_torch_save, atomic_write, atomic_write_json, seed_everything
+
+CHECKPOINT_FORMAT = "s2m2-checkpoint"   # the payload described in s2m2.checkpoint
+CHECKPOINT_VERSION = 1
+# Config keys that may change when resuming (everything else must match the checkpoint); a moved data
+# folder is fine because the data fingerprint (content hashes) is checked separately.
+RESUMABLE_CHANGES = ("data.root", "schedule.epochs", "schedule.max_steps", "validation.patience")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue (bad data, incompatible checkpoint, ...)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/inf; the run stopped and the last good checkpoint was kept."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds
+# ------------------------------------------------------------------------------------------------
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple of ints/strings (stable across runs, platforms and processes)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of ``epoch``: (N,) int64, a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(derive_seed("order", seed, epoch))
+    return torch.randperm(num_samples, generator=g)
+
+
+def step_indices(order: torch.Tensor, step: int, global_batch: int, rank: int, world: int) -> torch.Tensor:
+    """Rows of global step ``step`` that rank ``rank`` of ``world`` processes.
+
+    The global batch is ``order[step*G:(step+1)*G]``; it is cut into ``world`` equal contiguous slices (a
+    final batch not divisible by ``world`` drops its last ``len % world`` rows, so ranks stay in step).
+    """
+    rows = order[step * global_batch:(step + 1) * global_batch]
+    usable = len(rows) // world * world
+    return rows[:usable].view(world, -1)[rank] if usable else rows[:0]
+
+
+def steps_per_epoch(num_samples: int, global_batch: int, world: int, drop_last: bool) -> int:
+    if drop_last:
+        return num_samples // global_batch
+    full, rest = divmod(num_samples, global_batch)
+    return full + (1 if rest >= world else 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+class TrainData:
+    """One or several prepared splits as one labelled training set (labels offset per split).
+
+    ``gather(rows) -> uint8 (B, H, W, C)`` reads a batch from the memory-mapped arrays (rows sorted for
+    locality, returned in the requested order); nothing is loaded whole.
+    """
+
+    def __init__(self, root: str | os.PathLike, split_names: list[str]):
+        self.root = str(root)
+        self.split_names = list(split_names)
+        self.splits: list[PreparedSplit] = [open_split(root, name) for name in split_names]
+        shapes = {s.split: s.image_shape for s in self.splits}
+        if len(set(shapes.values())) != 1:
+            raise TrainingError(f"{root}: data.train_splits have different image shapes {shapes}; "
+                                f"they must match to be concatenated")
+        sizes = [len(s) for s in self.splits]
+        self.starts = np.cumsum([0] + sizes)  # row offset of each split
+        label_offsets = np.cumsum([0] + [s.num_classes for s in self.splits])
+        self.labels = torch.from_numpy(np.concatenate(
+            [s.labels + off for s, off in zip(self.splits, label_offsets[:-1])]).astype(np.int64))
+        self.num_classes = int(label_offsets[-1])
+        self.image_shape = self.splits[0].image_shape
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B,) row indices -> uint8 (B, H, W, C) (a fresh, writable CPU tensor)."""
+        rows_np = rows.numpy()
+        out = np.empty((len(rows_np),) + self.image_shape, dtype=np.uint8)
+        order = np.argsort(rows_np, kind="stable")
+        sorted_rows = rows_np[order]
+        which = np.searchsorted(self.starts, sorted_rows, side="right") - 1
+        for k, split in enumerate(self.splits):
+            sel = which == k
+            if sel.any():
+                out[order[sel]] = split.images[sorted_rows[sel] - self.starts[k]]
+        return torch.from_numpy(out)
+
+    def fingerprint(self) -> str:
+        text = "|".join(f"{s.split}:{s.fingerprint()}" for s in self.splits)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed / device setup
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    autocast_dtype: torch.dtype | None = None   # bf16 / fp16 autocast, None for fp32
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """Device, precision and (under torchrun: WORLD_SIZE > 1) the process group."""
+    rc = config.runtime
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if rc.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(rc.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"runtime.device={rc.device!r} but CUDA is not available")
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    precision = rc.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    channels_last = rc.channels_last if rc.channels_last is not None else device.type == "cuda"
+    return Runtime(device, rank, world, local_rank, dtype, channels_last)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and optimizer
+# ------------------------------------------------------------------------------------------------
+def head_specs(config: TrainConfig, in_dim: int, num_classes: int, method: str) -> dict[str, dict[str, Any]]:
+    """``{"classifier": {"name", "kwargs"}, ["ss_head": ...]}`` as stored in the checkpoint."""
+    width = config.model.classifier_width or num_classes
+    if width < num_classes:
+        raise ConfigError(f"model.classifier_width={width} is smaller than the {num_classes} training classes")
+    name = config.classifier_name()
+    kwargs: dict[str, Any] = {"in_dim": in_dim, "num_classes": width}
+    if name == "cosine":
+        kwargs["scale"] = config.model.classifier_scale
+    elif config.model.classifier_scale is not None:
+        raise ConfigError("model.classifier_scale applies to the cosine classifier only")
+    specs = {"classifier": {"name": name, "kwargs": kwargs}}
+    if method in ROTATION_METHODS:
+        specs["ss_head"] = {"name": "rotation", "kwargs": {"in_dim": in_dim}}
+    return specs
+
+
+def build_model(config: TrainConfig, num_classes: int, method: str) -> tuple[TrainModel, dict[str, Any]]:
+    backbone = create_backbone(config.model.backbone, **config.model.backbone_kwargs)
+    specs = head_specs(config, backbone.feature_dim, num_classes, method)
+    classifier = create_head(specs["classifier"]["name"], **specs["classifier"]["kwargs"])
+    if specs["classifier"]["name"] == "cosine":
+        specs["classifier"]["kwargs"]["scale"] = classifier.scale  # record the resolved scale
+    ss_head = create_head("rotation", **specs["ss_head"]["kwargs"]) if "ss_head" in specs else None
+    return TrainModel(backbone, classifier, ss_head), specs
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def reset_module(module: nn.Module) -> None:
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (paper Algorithm 1)
+# ------------------------------------------------------------------------------------------------
+class Validator:
+    """Fixed seeded 5-way 1-shot episodes on the val split, sampled once; ``__call__(backbone) -> (acc, ci95)``."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime):
+        from s2m2.fewshot.episodes import sample_episodes
+
+        v = config.validation
+        self.split = open_split(config.data.root, config.data.val_split)
+        self.transform = EvalTransform(config.data.eval_resize, config.data.crop_size)
+        self.config = v
+        self.runtime = runtime
+        try:
+            self.episodes = sample_episodes(torch.from_numpy(self.split.labels), v.ways, v.shots, v.queries,
+                                            v.episodes, v.seed)
+        except ValueError as err:
+            raise TrainingError(f"validation episodes on {self.split.root}/{self.split.split}: {err} "
+                                f"(change validation.ways/shots/queries or set validation.enabled=false)") from err
+
+    def __call__(self, backbone: nn.Module) -> tuple[float, float]:
+        from s2m2.features import extract_features
+        from s2m2.fewshot.heads import evaluate_episodes
+        from s2m2.fewshot.stats import mean_ci95
+
+        was_training = backbone.training
+        with self.runtime.autocast():
+            features, labels = extract_features(backbone, self.split, self.transform, self.config.batch_size,
+                                                device=self.runtime.device, progress=False)
+        backbone.train(was_training)
+        accuracies = evaluate_episodes(features.float(), labels, self.episodes, head=self.config.head)
+        return mean_ci95(accuracies)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
+class RunLog:
+    """JSONL records (``log.jsonl``) and TensorBoard scalars (``tb/``), written by rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, keep_until_step: int | None):
+        self.enabled = enabled
+        self.path = out_dir / "log.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if keep_until_step is not None and self.path.exists():
+            # Resuming: drop records written after the checkpoint (a crashed run's tail) so the log is
+            # the history of exactly the run that continues.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept)), binary=False)
+        elif keep_until_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tb"),
+                                            purge_step=None if keep_until_step is None else keep_until_step + 1)
+
+    def record(self, kind: str, step: int, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"type": kind, "step": step, "time": time.time(), **fields}
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self.writer is not None:
+            for key, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Global RNG states as plain tensors/tuples (loadable with ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_payload(path: str | os.PathLike) -> dict[str, Any]:
+    """One of our full checkpoints, validated by ``s2m2.checkpoint.load_checkpoint`` (errors -> TrainingError)."""
+    from s2m2.checkpoint import CheckpointError, load_checkpoint
+
+    if not Path(path).is_file():
+        raise TrainingError(f"checkpoint {path} does not exist")
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        raise TrainingError(str(err)) from err
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Phase:
+    name: str      # "main" | "phase1" | "phase2"
+    method: str
+    epochs: int
+
+
+def plan_phases(config: TrainConfig) -> list[Phase]:
+    m, s = config.method.name, config.schedule
+    if m in PHASE1_METHOD:
+        phases = [Phase("phase1", PHASE1_METHOD[m], s.phase1_epochs)] if s.phase1_epochs else []
+        return phases + [Phase("phase2", m, s.epochs)]
+    return [Phase("main", m, s.epochs)]
+
+
+class Trainer:
+    """Runs a training config end to end. ``Trainer(config, out_dir, resume).fit() -> summary dict``."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None,
+                 resume: str | os.PathLike | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir or config.runtime.out_dir)
+        self.rt = setup_runtime(config)
+        self.phases = plan_phases(config)
+        c = config
+        if not c.data.root:
+            raise ConfigError("data.root is empty: set it to a prepared dataset folder (--set data.root=DIR)")
+        self.data = TrainData(c.data.root, c.data.train_splits)
+        self.validator = (Validator(c, self.rt)
+                          if c.validation.enabled and c.data.val_split else None)
+        self.data_info = {"root": str(Path(c.data.root).resolve()), "splits": list(c.data.train_splits),
+                          "fingerprint": self._fingerprint(), "num_classes": self.data.num_classes}
+
+        # Initial weights from schedule.seed (identical on every rank; DDP also broadcasts rank 0's).
+        seed_everything(derive_seed("init", c.schedule.seed))
+        # The model carries a rotation head whenever any phase needs one.
+        head_method = "rotation" if any(p.method in ROTATION_METHODS for p in self.phases) else self.phases[0].method
+        self.model, self.head_specs = build_model(c, self.data.num_classes, head_method)
+        self.model.to(self.rt.device)
+        if self.rt.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if c.runtime.sync_batchnorm and self.rt.distributed:
+            if self.rt.device.type != "cuda":
+                raise ConfigError("runtime.sync_batchnorm needs CUDA (SyncBatchNorm has no CPU/gloo kernel)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = build_optimizer(c, self.model)
+        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.autocast_dtype == torch.float16)
+
+        self.augment = TrainAugment(c.data.crop_size, tuple(c.data.crop_scale), tuple(c.data.crop_ratio),
+                                    c.data.jitter, c.data.flip)
+        eval_transform = EvalTransform(c.data.eval_resize, c.data.crop_size)
+        self.transform = self.augment if c.data.augment else (lambda images, generator: eval_transform(images))
+
+        # progress
+        self.phase_index = 0
+        self.epoch = 0            # completed epochs (all phases)
+        self.epoch_in_phase = 0   # completed epochs of the current phase
+        self.step = 0             # optimizer steps (all phases)
+        self.step_in_epoch = 0    # steps done in the current, unfinished epoch
+        self.partial: dict[str, float] = {}  # meters of the unfinished epoch
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.since_best = 0
+
+        resume_path = self._resolve_resume(resume)
+        if resume_path is not None:
+            self._resume(resume_path)
+        elif c.schedule.init_from:
+            self._init_from(c.schedule.init_from)
+        self._ddp_model: nn.Module | None = None
+        if c.runtime.compile:
+            self.model.backbone.compile()
+
+    # -- setup helpers ---------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        parts = [self.data.fingerprint()]
+        if self.validator is not None:
+            parts.append(f"val:{self.validator.split.fingerprint()}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def _resolve_resume(self, resume) -> Path | None:
+        if resume is None:
+            return None
+        if str(resume) == "auto":
+            path = self.out_dir / "last.pt"
+            return path if path.is_file() else None
+        return Path(resume)
+
+    def _model_parts(self) -> dict[str, nn.Module]:
+        parts = {"backbone": self.model.backbone, "classifier": self.model.classifier}
+        if self.model.ss_head is not None:
+            parts["ss_head"] = self.model.ss_head
+        return parts
+
+    def _resume(self, path: Path) -> None:
+        payload = load_payload(path)
+        if payload["data"]["fingerprint"] != self.data_info["fingerprint"]:
+            raise TrainingError(
+                f"{path}: the checkpoint was trained on data {payload['data']['root']} splits "
+                f"{payload['data']['splits']} (fingerprint {payload['data']['fingerprint']}), but "
+                f"{self.data_info['root']} splits {self.data_info['splits']} has fingerprint "
+                f"{self.data_info['fingerprint']}; resume with the same prepared data")
+        mine = self.config.to_dict()
+        theirs = payload["config"]
+        changed = [k for k in config_diff(theirs, mine)
+                   if not k.startswith("runtime.") and k not in RESUMABLE_CHANGES]
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {theirs[k.split('.')[0]].get(k.split('.')[1])!r} "
+                                f"vs now {mine[k.split('.')[0]].get(k.split('.')[1])!r}" for k in changed)
+            raise TrainingError(f"{path}: config differs from the checkpoint's in {details}. Only "
+                                f"runtime.* and {list(RESUMABLE_CHANGES)} may change when resuming.")
+        self._load_states(payload, optimizer=True)
+        if payload.get("scaler") is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        progress = payload["progress"]
+        self.phase_index = progress["phase_index"]
+        self.epoch_in_phase = progress["epoch_in_phase"]
+        self.step_in_epoch = progress["step_in_epoch"]
+        self.partial = dict(progress["partial"])
+        self.since_best = progress["since_best"]
+        self.epoch, self.step = payload["epoch"], payload["step"]
+        self.history = list(payload["history"])
+        self.best = payload["best"]
+        set_rng_state(payload["rng"])
+        self.resumed_from = str(path)
+
+    def _load_states(self, payload: dict[str, Any], optimizer: bool) -> None:
+        state = payload["state"]
+        for name, module in self._model_parts().items():
+            if name in state:
+                module.load_state_dict(state[name])
+        if optimizer:
+            self.optimizer.load_state_dict(payload["optimizer"])
+
+    def _init_from(self, path: str) -> None:
+        """Phase 2 from a phase-1 checkpoint: weights (and, unless release_handoff, the Adam state).
+
+        Our checkpoints give backbone, heads and optimizer; the release's (``s2m2.checkpoint.load_model``)
+        give backbone, classifier and, for a rotation model, the rotation head -- no optimizer state.
+        """
+        from s2m2.checkpoint import CheckpointError, load_model
+
+        release = self.config.method.release_handoff
+        try:
+            loaded = load_model(path, with_heads=True)
+        except CheckpointError as err:
+            raise TrainingError(f"schedule.init_from: {err}") from err
+        parts = {"backbone": loaded.backbone, "classifier": loaded.classifier, "ss_head": loaded.ss_head}
+        for name, module in self._model_parts().items():
+            source = parts[name]
+            if source is None:
+                continue
+            theirs = {k: tuple(v.shape) for k, v in source.state_dict().items()}
+            mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            if theirs != mine:
+                raise TrainingError(f"schedule.init_from {path}: its {name} does not match this config's "
+                                    f"(model.backbone / model.classifier_* / data must be those of phase 1)")
+            module.load_state_dict(source.state_dict())
+        same_params = (parts["ss_head"] is None) == (self.model.ss_head is None) and parts["classifier"] is not None
+        if loaded.info.get("source") == "s2m2" and not release and same_params:
+            self.optimizer.load_state_dict(load_payload(path)["optimizer"])
+        if release and self.model.ss_head is not None:
+            torch.manual_seed(derive_seed("handoff", self.config.schedule.seed))
+            reset_module(self.model.ss_head)
+        self.init_from = str(path)
+
+    def _payload(self) -> dict[str, Any]:
+        phase = self.phases[min(self.phase_index, len(self.phases) - 1)]
+        heads = {k: {"name": v["name"], "kwargs": {kk: vv for kk, vv in v["kwargs"].items()}}
+                 for k, v in self.head_specs.items()}
+        return {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+            "backbone": {"name": self.config.model.backbone, "kwargs": dict(self.config.model.backbone_kwargs)},
+            "heads": heads,
+            "state": {name: module.state_dict() for name, module in self._model_parts().items()},
+            "method": self.config.method.name, "phase": phase.name,
+            "epoch": self.epoch, "step": self.step,
+            "config": self.config.to_dict(), "data": dict(self.data_info),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng_state(), "history": list(self.history), "best": self.best,
+            "progress": {"phase_index": self.phase_index, "epoch_in_phase": self.epoch_in_phase,
+                         "step_in_epoch": self.step_in_epoch, "partial": dict(self.partial),
+                         "since_best": self.since_best},
+        }
+
+    def save(self, name: str) -> None:
+        if self.rt.is_main:
+            atomic_torch_save(self._payload(), self.out_dir / name)
+
+    # -- training ------------------------------------------------------------------------------------
+    def _wrapped(self) -> nn.Module:
+        if not self.rt.distributed:
+            return self.model
+        if self._ddp_model is None:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # S2M2's mixup pass does not touch the rotation head, so DDP must look for unused parameters.
+            self._ddp_model = DDP(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
+                                  else None, find_unused_parameters=self.model.ss_head is not None)
+        return self._ddp_model
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def _check_finite(self, stats, phase: Phase, step_in_epoch: int) -> None:
+        values = torch.stack([stats.loss.float()] + [t.float() for t in stats.terms.values()])
+        finite = torch.isfinite(values).all().to(torch.int32).reshape(1)
+        if self.rt.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together
+        if int(finite.item()) == 1:
+            return
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.terms.items())
+        last = self.out_dir / "last.pt"
+        kept = (f"the last good checkpoint {last} (epoch {self.epoch}) is kept" if last.exists()
+                else "no checkpoint had been written yet")
+        raise TrainingDiverged(
+            f"non-finite loss in {phase.name} ({phase.method}) at epoch {self.epoch + 1}, step "
+            f"{step_in_epoch + 1} of the epoch (global step {self.step + 1}) on rank {self.rt.rank}: "
+            f"loss={float(stats.loss):.4g} ({terms}); training stopped, {kept}. Lower optim.lr or check the data.")
+
+    def _run_epoch(self, phase: Phase, log: RunLog) -> bool:
+        """One epoch (or its rest, when resuming mid-epoch). Returns False when max_steps stopped it."""
+        c = self.config
+        seed, world, rank = c.schedule.seed, self.rt.world, self.rt.rank
+        global_batch = c.schedule.batch_size
+        if global_batch % world:
+            raise ConfigError(f"schedule.batch_size={global_batch} (global) is not divisible by the "
+                              f"{world} processes")
+        order = epoch_permutation(len(self.data), seed, self.epoch)
+        num_steps = steps_per_epoch(len(self.data), global_batch, world, c.schedule.drop_last)
+        model = self._wrapped()
+        model.train()
+        step_fn = STEPS[phase.method]
+        meters = {"loss": 0.0, "correct": 0.0, "count": 0.0, "images": 0.0, "steps": 0.0, "seconds": 0.0}
+        meters.update(self.partial)
+        pool = ThreadPoolExecutor(max_workers=1) if c.runtime.prefetch else None
+
+        def fetch(step: int):
+            rows = step_indices(order, step, global_batch, rank, world)
+            images = self.data.gather(rows)
+            labels = self.data.labels[rows]
+            if self.rt.device.type == "cuda":
+                images = images.pin_memory()
+            return images, labels
+
+        bar = None
+        if c.runtime.progress and self.rt.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=num_steps, initial=self.step_in_epoch, leave=False, dynamic_ncols=True,
+                       desc=f"{phase.name} {phase.method} epoch {self.epoch + 1}")
+        pending = pool.submit(fetch, self.step_in_epoch) if (pool and self.step_in_epoch < num_steps) else None
+        completed = True
+        start = time.perf_counter()
+        for step_in_epoch in range(self.step_in_epoch, num_steps):
+            if c.schedule.max_steps is not None and self.step >= c.schedule.max_steps:
+                completed = False
+                break
+            images, labels = pending.result() if pending else fetch(step_in_epoch)
+            if pool and step_in_epoch + 1 < num_steps:
+                pending = pool.submit(fetch, step_in_epoch + 1)
+            images = images.to(self.rt.device, non_blocking=True)
+            labels = labels.to(self.rt.device, non_blocking=True)
+            # Dropout (global RNG) and every draw of the step: functions of (seed, epoch, step, rank).
+            torch.manual_seed(derive_seed("dropout", seed, self.epoch, step_in_epoch, rank))
+            generator = torch.Generator().manual_seed(derive_seed("step", seed, self.epoch, step_in_epoch, rank))
+            ctx = StepContext(model=model, num_mix_points=self.model.backbone.num_mix_points,
+                              transform=self.transform, view_augment=self.augment, generator=generator,
+                              backward=self._backward, mixup_alpha=c.method.mixup_alpha,
+                              ss_weight=c.method.ss_weight, exemplar_views=c.method.exemplar_views,
+                              autocast=self.rt.autocast, channels_last=self.rt.channels_last)
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = step_fn(ctx, images, labels)
+            self._check_finite(stats, phase, step_in_epoch)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self.step_in_epoch = step_in_epoch + 1
+            loss = float(stats.loss)
+            meters["loss"] += loss
+            meters["correct"] += float(stats.correct)
+            meters["count"] += stats.count
+            meters["images"] += len(labels) * world
+            meters["steps"] += 1
+            elapsed = meters["seconds"] + time.perf_counter() - start
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{meters['loss'] / meters['steps']:.3f}",
+                                acc=f"{100 * meters['correct'] / max(meters['count'], 1):.1f}",
+                                img_s=f"{meters['images'] / max(elapsed, 1e-9):.0f}")
+            if c.runtime.log_every and self.step % c.runtime.log_every == 0:
+                log.record("step", self.step, epoch=self.epoch + 1, phase=phase.name, method=phase.method,
+                           loss=loss, **{k: float(v) for k, v in stats.terms.items()},
+                           images_per_s=meters["images"] / max(elapsed, 1e-9))
+        meters["seconds"] += time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if pool:
+            pool.shutdown(wait=True)
+        self.partial = meters
+        return completed
+
+    def _end_epoch(self, phase: Phase, log: RunLog) -> None:
+        """Validation, ``best.pt`` / ``last.pt`` and the epoch record."""
+        c, m = self.config, dict(self.partial)
+        if self.rt.distributed:
+            # Epoch metrics of the global batches: mean of the ranks' mean losses, summed accuracy counts.
+            # (After a mid-epoch resume under DDP the restored partial meters are rank 0's on every rank,
+            # so that epoch's logged numbers are approximate; training itself is unaffected.)
+            totals = torch.tensor([m["loss"], m["correct"], m["count"]], dtype=torch.float64)
+            dist.all_reduce(totals)
+            m["loss"], m["correct"], m["count"] = float(totals[0]) / self.rt.world, float(totals[1]), float(totals[2])
+        self.epoch += 1
+        self.epoch_in_phase += 1
+        record: dict[str, Any] = {
+            "epoch": self.epoch, "phase": phase.name, "method": phase.method,
+            "loss": m["loss"] / max(m["steps"], 1), "train_acc": 100 * m["correct"] / max(m["count"], 1),
+            "images_per_s": m["images"] / max(m["seconds"], 1e-9), "seconds": m["seconds"],
+        }
+        improved = False
+        if self.validator is not None and self.epoch_in_phase % c.validation.every == 0:
+            start = time.perf_counter()
+            acc, ci = self.validator(self.model.backbone)
+            record.update(val_acc=acc, val_ci95=ci, val_seconds=time.perf_counter() - start)
+            improved = self.best is None or acc > self.best["val_acc"]
+            if improved:
+                self.best = {"epoch": self.epoch, "phase": phase.name, "val_acc": acc, "val_ci95": ci}
+                self.since_best = 0
+            else:
+                self.since_best += 1
+        self.history.append({"step": self.step, **record})
+        self.step_in_epoch, self.partial = 0, {}
+        if improved:
+            self.save("best.pt" if phase is self.phases[-1] else "phase1_best.pt")
+        self.save("last.pt")
+        log.record("epoch", self.step, **record)
+        if self.rt.is_main:
+            val = f", val {record['val_acc']:.2f} +- {record['val_ci95']:.2f}%" if "val_acc" in record else ""
+            print(f"[{phase.name} {phase.method}] epoch {self.epoch}: loss {record['loss']:.4f}, "
+                  f"train acc {record['train_acc']:.1f}%, {record['images_per_s']:.0f} img/s{val}",
+                  file=sys.stderr, flush=True)
+
+    def _start_phase(self, index: int, log: RunLog) -> None:
+        """Phase hand-off (phase 1 -> phase 2): keep heads + Adam, or the release's reset."""
+        self.phase_index, self.epoch_in_phase = index, 0
+        self.best, self.since_best = None, 0
+        if index > 0 and self.config.method.release_handoff:
+            if self.model.ss_head is not None:
+                torch.manual_seed(derive_seed("handoff", self.config.schedule.seed))
+                reset_module(self.model.ss_head)
+            self.optimizer = build_optimizer(self.config, self.model)
+        log.record("phase", self.step, phase=self.phases[index].name, method=self.phases[index].method,
+                   release_handoff=self.config.method.release_handoff)
+
+    def _patience_out(self) -> bool:
+        patience = self.config.validation.patience
+        return self.validator is not None and patience is not None and self.since_best >= patience
+
+    def fit(self) -> dict[str, Any]:
+        """Train all phases; returns a summary (also written to ``summary.json``)."""
+        c = self.config
+        resumed = getattr(self, "resumed_from", None)
+        if self.rt.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            text = _yaml_dump(c.to_dict())
+            atomic_write(self.out_dir / "config.yaml", lambda f: f.write(text), binary=False)
+        log = RunLog(self.out_dir, self.rt.is_main, c.runtime.tensorboard,
+                     keep_until_step=self.step if resumed else None)
+        stopped = "finished"
+        try:
+            if resumed:
+                log.record("resume", self.step, checkpoint=resumed, epoch=self.epoch)
+            else:
+                log.record("start", 0, config=c.to_dict(), data=self.data_info, world_size=self.rt.world,
+                           device=str(self.rt.device), init_from=getattr(self, "init_from", None))
+                self._start_phase(0, log)
+            while self.phase_index < len(self.phases):
+                phase = self.phases[self.phase_index]
+                while self.epoch_in_phase < phase.epochs and not self._patience_out():
+                    if not self._run_epoch(phase, log):
+                        stopped = "max_steps"
+                        break
+                    self._end_epoch(phase, log)
+                    if self._patience_out():
+                        log.record("early_stop", self.step, phase=phase.name, epoch=self.epoch,
+                                   best=self.best, patience=c.validation.patience)
+                        if self.phase_index == len(self.phases) - 1:
+                            stopped = "early_stop"
+                if stopped == "max_steps":
+                    self.save("last.pt")  # mid-epoch state, resumable exactly
+                    break
+                if self.phase_index + 1 == len(self.phases):
+                    break
+                self._start_phase(self.phase_index + 1, log)
+        except TrainingDiverged as err:
+            stopped = "diverged"
+            log.record("diverged", self.step, message=str(err))
+            raise
+        finally:
+            summary = {"stopped": stopped, "epochs": self.epoch, "steps": self.step, "best": self.best,
+                       "out_dir": str(self.out_dir), "history": self.history}
+            if self.rt.is_main:
+                atomic_write_json(self.out_dir / "summary.json", summary)
+            log.close()
+        return summary
+
+
+def _yaml_dump(obj: Any) -> str:
+    import yaml
+    return yaml.safe_dump(obj, sort_keys=False)
