@@ -102,7 +102,7 @@ class ValidationConfig:
 
 @dataclass
 class RuntimeConfig:
-    out_dir: str = "runs/default"
+    out_dir: str = "checkpoints/default"
     device: str = "auto"                 # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"              # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     channels_last: bool | None = None    # None: on for CUDA, off on CPU

@@ -1,7 +1,7 @@
 """``s2m2 train``: train a backbone with one of the methods (S2M2 recipe and its ablations).
 
     s2m2 train --config configs/mini_imagenet/s2m2_r.yaml --set data.root=data/mini-imagenet
-    s2m2 train --config FILE --resume auto --out runs/mini_s2m2r      # continue where it stopped
+    s2m2 train --config FILE --resume auto --out checkpoints/mini_s2m2r      # continue where it stopped
     torchrun --nproc_per_node 4 -m s2m2.cli train --config FILE         # DDP (see docs/training.md)
 
 Exit status: 0 on success (finished, early-stopped or stopped at schedule.max_steps), 1 when the loss
