@@ -143,7 +143,7 @@ def add_head_args(p: argparse.ArgumentParser, default_head: str = "logreg") -> N
     g.add_argument("--max-chunk-mb", type=float, help="cap on the working memory of one chunk of episodes")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with other "
                    "jobs, 1 is several times faster: the heads run many small batched ops, and idle-waiting "
-                   "worker threads stall when cores are oversubscribed (docs/benchmarks/evaluate.md)")
+                   "worker threads stall when cores are oversubscribed (docs/benchmarks.md)")
     g.add_argument("--no-progress", action="store_true")
 
 

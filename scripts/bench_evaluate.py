@@ -155,8 +155,8 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=10000)
     p.add_argument("--ref-episodes", type=int, default=200)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: fastest on the shared 2-core machine; 0 = torch's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default 0 = torch's; 1 is faster when other jobs oversubscribe the cores)")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one section, print JSON
     p.add_argument("--out-md")

@@ -5,6 +5,7 @@ interleaved in one run after a warm-up; the minimum over rounds is reported.
     .venv/bin/python scripts/bench_models.py
 """
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +50,9 @@ print(f"WRN-28-10 train fwd+bwd (mixup at block2) 16x80x80: contiguous {t['conti
       f"(ratio {t['channels_last'] / t['contiguous']:.2f})")
 
 wrn.eval()
-export_release_checkpoint(wrn, "/tmp/b/470.tar", kind="mixup", epoch=470)
-t = interleaved({"load": lambda: load_backbone("/tmp/b/470.tar")}, 2)
+release_file = Path(tempfile.mkdtemp()) / "470.tar"
+export_release_checkpoint(wrn, release_file, kind="mixup", epoch=470)
+t = interleaved({"load": lambda: load_backbone(release_file)}, 2)
 print(f"load_backbone(release-format WRN-28-10, 146 MB, incl. sha256 fingerprint): {t['load']:.2f}s")
 for name, kw, size in [("resnet12", {}, 80), ("resnet18", {}, 32), ("conv4", {}, 80), ("wrn", {"depth": 16, "widen": 4}, 32)]:
     m = create_backbone(name, **kw).train(); xb = torch.randn(64, 3, size, size)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training benchmarks on this machine (results go to docs/benchmarks/train.md).
+"""Training benchmarks on this machine (results go to docs/benchmarks.md).
 
     python scripts/bench_train.py                       # everything (WRN-28-10 parts take ~10-15 min on 2 cores)
     python scripts/bench_train.py --only pipeline small # input pipeline + small backbone only
