@@ -25,11 +25,9 @@ import torch
 
 from s2m2.data.prepared import PreparedDataError, open_split
 from s2m2.data.transforms import EvalTransform
-from s2m2.evaluate import (add_feature_transform_args, add_head_args, apply_feature_transform, features_provenance,
-                           format_table, head_options_from_args, parse_queries, run_protocol)
+from s2m2.evaluate import (add_feature_transform_args, add_head_args, evaluate_payload, format_table, parse_queries,
+                           write_record)
 from s2m2.features import FeaturesError, features_for_checkpoint
-from s2m2.fewshot.feature_transforms import FeatureTransform
-from s2m2.utils import atomic_write_json
 
 VARIANTS = ("base64", "all100")
 
@@ -108,31 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         payload = features_for_checkpoint(checkpoint, cub, "novel", features_path, transform=transform,
                                           batch_size=args.batch_size, device=args.device,
                                           progress=not args.no_progress)
-        ftransform = FeatureTransform(power=args.power, center=args.center, l2=args.l2)
-        features, transform_record = apply_feature_transform(ftransform, payload["features"], args.base_features)
-        head_options = head_options_from_args(args)
-        max_chunk = int(args.max_chunk_mb * 2**20) if args.max_chunk_mb else None
-        results = run_protocol(features, payload["labels"], ways=args.ways, shots_list=args.shots,
-                               queries=args.queries, episodes=args.episodes, seed=args.seed, head=args.head,
-                               head_options=head_options, device=args.device, max_chunk_bytes=max_chunk,
-                               progress=not args.no_progress, skip_impossible=True)
+        results, head_options, transform_record = evaluate_payload(payload, args, skip_impossible=True)
     except (FileNotFoundError, PreparedDataError, FeaturesError, ValueError) as err:
         print(f"s2m2 cross-domain: error: {err}", file=sys.stderr)
         return 2
     num_classes = len(payload["class_names"])
-    print(f"mini-ImageNet ({variant}) -> CUB novel: {num_classes} classes, {len(features)} images, "
+    print(f"mini-ImageNet ({variant}) -> CUB novel: {num_classes} classes, {len(payload['labels'])} images, "
           f"features {features_path}")
     print(format_table(results, args.head))
     if args.out:
-        atomic_write_json(args.out, {
-            "format": "s2m2-cross-domain", "format_version": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "variant": variant, "variant_reason": how,
-            "features": features_provenance(payload, features_path),
-            "head": {"name": args.head, "options": head_options}, "feature_transform": transform_record,
-            "device": str(args.device), "torch": torch.__version__,
-            "results": results, "wall_seconds": time.perf_counter() - wall,
-        }, indent=None)
+        write_record(args.out, "s2m2-cross-domain", args, payload, features_path, results, head_options,
+                     transform_record, wall, variant=variant, variant_reason=how)
         print(f"wrote {args.out}")
     return 0
 

@@ -147,6 +147,37 @@ def add_head_args(p: argparse.ArgumentParser, default_head: str = "logreg") -> N
     g.add_argument("--no-progress", action="store_true")
 
 
+def evaluate_payload(payload: dict[str, Any], args: argparse.Namespace, *, skip_impossible: bool = False):
+    """Apply the feature-transform flags and run every (ways, shots) protocol the head flags ask for.
+
+    Returns ``(results, head_options, transform_record)``; shared by ``s2m2 evaluate`` and ``s2m2 cross-domain``.
+    """
+    transform = FeatureTransform(power=args.power, center=args.center, l2=args.l2)
+    features, transform_record = apply_feature_transform(transform, payload["features"], args.base_features)
+    head_options = head_options_from_args(args)
+    max_chunk = int(args.max_chunk_mb * 2**20) if args.max_chunk_mb else None
+    results = run_protocol(features, payload["labels"], ways=args.ways, shots_list=args.shots,
+                           queries=args.queries, episodes=args.episodes, seed=args.seed, head=args.head,
+                           head_options=head_options, device=args.device, max_chunk_bytes=max_chunk,
+                           progress=not args.no_progress, skip_impossible=skip_impossible)
+    return results, head_options, transform_record
+
+
+def write_record(path: str | os.PathLike, record_format: str, args: argparse.Namespace, payload: dict[str, Any],
+                 features_path: str | os.PathLike, results: list[dict[str, Any]], head_options: dict[str, Any],
+                 transform_record: dict[str, Any], wall_start: float, **extra: Any) -> None:
+    """The JSON record of an evaluation (atomic): protocol, features provenance, per-episode results."""
+    atomic_write_json(path, {
+        "format": record_format, "format_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+        "features": features_provenance(payload, features_path),
+        "head": {"name": args.head, "options": head_options},
+        "feature_transform": transform_record,
+        "device": str(args.device), "torch": torch.__version__,
+        "results": results, "wall_seconds": time.perf_counter() - wall_start,
+    }, indent=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s2m2 evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--features", required=True, help="features file from `s2m2 features`")
@@ -168,14 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         payload = load_features(args.features)
-        transform = FeatureTransform(power=args.power, center=args.center, l2=args.l2)
-        features, transform_record = apply_feature_transform(transform, payload["features"], args.base_features)
-        head_options = head_options_from_args(args)
-        max_chunk = int(args.max_chunk_mb * 2**20) if args.max_chunk_mb else None
-        results = run_protocol(features, payload["labels"], ways=args.ways, shots_list=args.shots,
-                               queries=args.queries, episodes=args.episodes, seed=args.seed, head=args.head,
-                               head_options=head_options, device=args.device, max_chunk_bytes=max_chunk,
-                               progress=not args.no_progress)
+        results, head_options, transform_record = evaluate_payload(payload, args)
     except (FeaturesError, EpisodeError, ValueError) as err:
         print(f"s2m2 evaluate: error: {err}", file=sys.stderr)
         return 2
@@ -184,15 +208,8 @@ def main(argv: list[str] | None = None) -> int:
           f"feature transform {transform_record}")
     print(format_table(results, args.head))
     if args.out:
-        atomic_write_json(args.out, {
-            "format": RESULTS_FORMAT, "format_version": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "features": features_provenance(payload, args.features),
-            "head": {"name": args.head, "options": head_options},
-            "feature_transform": transform_record,
-            "device": str(args.device), "torch": torch.__version__,
-            "results": results, "wall_seconds": time.perf_counter() - wall,
-        }, indent=None)
+        write_record(args.out, RESULTS_FORMAT, args, payload, args.features, results, head_options,
+                     transform_record, wall)
         print(f"wrote {args.out}")
     return 0
 
