@@ -34,6 +34,7 @@ bench: setup
 	$(PY) scripts/bench_prepare.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_evaluate.py
+	$(PY) scripts/bench_models.py
 
 clean-venv:
 	rm -rf $(VENV)
