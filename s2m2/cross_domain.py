@@ -25,8 +25,8 @@ import torch
 
 from s2m2.data.prepared import PreparedDataError, open_split
 from s2m2.data.transforms import EvalTransform
-from s2m2.evaluate import (add_feature_transform_args, add_head_args, evaluate_payload, format_table, parse_queries,
-                           write_record)
+from s2m2.evaluate import (add_feature_transform_args, add_head_args, add_protocol_args, evaluate_payload,
+                           format_table, write_record)
 from s2m2.features import FeaturesError, features_for_checkpoint
 
 VARIANTS = ("base64", "all100")
@@ -70,16 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="backbone trained on mini-ImageNet (ours or the release's)")
     p.add_argument("--cub", required=True, help="prepared CUB folder (`s2m2 prepare cub ...`)")
     p.add_argument("--variant", choices=("auto", *VARIANTS), default="auto")
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--queries", type=parse_queries, default=15)
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
+    add_protocol_args(p, episodes=600)  # CUB: the release's 600 episodes
     p.add_argument("--features-out", help="where to cache the CUB novel features (default: beside --cub)")
     p.add_argument("--resize", type=int, help="test resize (default: the checkpoint's, else 92)")
     p.add_argument("--crop", type=int, help="test crop (default: the checkpoint's, else 80)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", help="JSON record to write")
     add_head_args(p)
     add_feature_transform_args(p)
     return p

@@ -178,15 +178,20 @@ def write_record(path: str | os.PathLike, record_format: str, args: argparse.Nam
     }, indent=None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2m2 evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--features", required=True, help="features file from `s2m2 features`")
+def add_protocol_args(p: argparse.ArgumentParser, episodes: int) -> None:
+    """The episode protocol (ways, shots, queries, episodes, seed) and the JSON record path."""
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--queries", type=parse_queries, default=15, help="per class, or 'all' (every other image)")
-    p.add_argument("--episodes", type=int, default=10000)
+    p.add_argument("--episodes", type=int, default=episodes)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON record to write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s2m2 evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--features", required=True, help="features file from `s2m2 features`")
+    add_protocol_args(p, episodes=10000)
     add_head_args(p)
     add_feature_transform_args(p)
     return p
