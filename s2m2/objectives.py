@@ -243,26 +243,29 @@ def _ss_subset(ctx: StepContext, batch: int, device) -> torch.Tensor:
     return torch.randperm(batch, generator=ctx.generator)[:max(1, batch // 4)].to(device)
 
 
-def step_s2m2_r(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
+def _s2m2_step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, ss: str) -> StepStats:
+    """Phase 2: mixup loss on the B augmented images (backward), then the self-supervised loss ``ss``
+    ("rotation" or "exemplar") on a random B/4 subset of the un-mixed batch (backward); one optimizer step."""
     x = ctx.transform(images, ctx.generator)
     loss_mm, correct = _mixup_pass(ctx, x, labels)
     ctx.backward(loss_mm)
     subset = _ss_subset(ctx, len(labels), labels.device)
-    loss_ss, ce_class, ce_rot, _, _ = _rotation_terms(ctx, x[subset], labels[subset])
+    if ss == "rotation":  # rotations of the augmented images
+        loss_ss, ce_class, ce_ss, _, _ = _rotation_terms(ctx, x[subset], labels[subset])
+    else:  # exemplar views are fresh augmentations of the stored images
+        loss_ss, ce_class, ce_ss, _, _ = _exemplar_terms(ctx, images[subset], labels[subset])
     ctx.backward(loss_ss)
-    terms = {"mixup": loss_mm.detach(), "ce_class": ce_class.detach(), "ce_rot": ce_rot.detach()}
+    terms = {"mixup": loss_mm.detach(), "ce_class": ce_class.detach(),
+             ("ce_rot" if ss == "rotation" else "exemplar"): ce_ss.detach()}
     return StepStats((loss_mm + loss_ss).detach(), terms, correct, len(labels))
+
+
+def step_s2m2_r(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
+    return _s2m2_step(ctx, images, labels, "rotation")
 
 
 def step_s2m2_e(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
-    x = ctx.transform(images, ctx.generator)
-    loss_mm, correct = _mixup_pass(ctx, x, labels)
-    ctx.backward(loss_mm)
-    subset = _ss_subset(ctx, len(labels), labels.device)
-    loss_ss, ce_class, ex, _, _ = _exemplar_terms(ctx, images[subset], labels[subset])
-    ctx.backward(loss_ss)
-    terms = {"mixup": loss_mm.detach(), "ce_class": ce_class.detach(), "exemplar": ex.detach()}
-    return StepStats((loss_mm + loss_ss).detach(), terms, correct, len(labels))
+    return _s2m2_step(ctx, images, labels, "exemplar")
 
 
 STEPS: dict[str, Callable[[StepContext, torch.Tensor, torch.Tensor], StepStats]] = {
