@@ -25,7 +25,8 @@ import numpy as np
 
 from data_prep.common import (FEWSHOT_SPLITS, ClassImages, DecodeSpec, PrepareError, SplitFile, as_text,
                               check_classes, check_not_html, iter_tar_files, open_tar, record_split_files,
-                              split_file, text_keys, write_array_split, write_class_split)
+                              restricted_loads, split_file, text_keys, write_array_split,
+                              write_class_split)
 from s2m2.data import PreparedWriter
 
 NATIVE_SIZE = 32
@@ -66,7 +67,7 @@ def load_split_classes(variant: Variant) -> tuple[dict[str, list[str]], dict[str
 # -- official python pickles -------------------------------------------------------------------------
 def _unpickle(data: bytes, where: str) -> dict:
     try:
-        obj = pickle.loads(data, encoding="latin1")
+        obj = restricted_loads(data, where)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError) as err:
         raise PrepareError(f"{where}: not a readable CIFAR pickle ({type(err).__name__}: {err}); the file is "

@@ -2,12 +2,15 @@
 
 * ``ravi``: a folder with a flat ``images/`` of 84x84 JPEGs named ``nXXXXXXXXNNNNNNNN.jpg`` and (optionally)
   ``train.csv`` / ``val.csv`` / ``test.csv``; stored at the native 84x84 by default.
+* ``ravi-folders``: the same Ravi-named JPEGs sorted into ``train/ val/ test/<wnid>/`` folders (a common
+  mirror layout); each file is placed by its name, as in ``ravi``, and must sit in the folder of its split.
 * ``pickle``: ``mini-imagenet-cache-{train,validation,test}.pkl`` (dict with ``image_data`` uint8
   (N, 84, 84, 3) and ``class_dict`` wnid -> list of row indices); native 84x84 by default.
 * ``ilsvrc``: the ILSVRC-2012 train tree (``[train/]nXXXXXXXX/nXXXXXXXX_<number>.JPEG``), rebuilt from full
-  resolution and resized to 92x92 by default. A CSV name ``nXXXXXXXX`` + ``NNNNNNNN`` means the
-  NNNNNNNN-th (1-based) image of class nXXXXXXXX when its train images are sorted by the number in
-  their file name.
+  resolution and resized to 92x92 by default, plus a training view (each photo squashed to 160x160 by
+  default, and its original size) that training crops are cut from in the photo's coordinates. A CSV
+  name ``nXXXXXXXX`` + ``NNNNNNNN`` means the NNNNNNNN-th (1-based) image of class nXXXXXXXX when its
+  train images are sorted by the number in their file name.
 
 The split definition is always the shipped Ravi CSVs (``data_prep/splits/mini_imagenet/ravi``); CSVs found
 in the source are checked against them. Splits: train -> ``base``, val -> ``val``, test -> ``novel``.
@@ -27,7 +30,7 @@ import numpy as np
 from data_prep.common import (FEWSHOT_SPLITS, IMAGE_EXTENSIONS, ClassImages, DecodeSpec, PrepareError,
                               SplitFile, check_classes, check_not_html, find_ilsvrc_tree, has_extension,
                               ilsvrc_class_images, is_wnid, load_pickle, record_split_files, split_file,
-                              text_keys, write_array_split, write_class_split)
+                              text_keys, train_size_for, write_array_split, write_class_split)
 from s2m2.data import PreparedWriter
 
 DATASET = "mini-imagenet"
@@ -85,11 +88,14 @@ def detect_layout(source: Path) -> tuple[str, Path]:
         return "pickle", root
     if (root / "images").is_dir():
         return "ravi", root
+    if has_ravi_folders(root):  # before the ILSVRC test: train/<wnid>/ folders look like an ILSVRC tree
+        return "ravi-folders", root
     if (tree := find_ilsvrc_tree(root)) is not None:
         return "ilsvrc", tree
     raise PrepareError(f"{source}: no mini-ImageNet layout found: expected images/ + train/val/test.csv "
-                       f"(Ravi), mini-imagenet-cache-{{train,validation,test}}.pkl, or an ILSVRC train tree "
-                       f"of nXXXXXXXX/ class folders")
+                       f"(Ravi), train/ val/ test/<wnid>/ of Ravi-named JPEGs, "
+                       f"mini-imagenet-cache-{{train,validation,test}}.pkl, or an ILSVRC train tree of "
+                       f"nXXXXXXXX/ class folders")
 
 
 def _class(wnid: str, split: RaviSplit, images: list) -> ClassImages:
@@ -97,8 +103,52 @@ def _class(wnid: str, split: RaviSplit, images: list) -> ClassImages:
 
 
 # -- Ravi folder ---------------------------------------------------------------------------------
-def ravi_classes(root: Path, split: RaviSplit) -> dict[str, list[ClassImages]]:
-    """Per split, the classes (sorted wnids) with their image files (sorted by name = by index)."""
+def has_ravi_folders(root: Path) -> bool:
+    """True for ``train|val|test/<wnid>/`` folders holding Ravi-named ``nXXXXXXXXNNNNNNNN.jpg`` files."""
+    for folder in (root / name for name in CSV_SPLITS.values()):
+        if not folder.is_dir():
+            continue
+        for cls in folder.iterdir():
+            if cls.is_dir() and is_wnid(cls.name):
+                first = next((f.name for f in cls.iterdir() if has_extension(f.name, IMAGE_EXTENSIONS)), None)
+                if first is not None:
+                    return bool(_RAVI_NAME.match(first))
+    return False
+
+
+def ravi_flat_images(root: Path) -> dict[str, Path]:
+    """File name -> path of the images in a flat ``images/`` folder."""
+    images_dir = root / "images"
+    return {p.name: p for p in images_dir.iterdir() if has_extension(p.name, IMAGE_EXTENSIONS)}
+
+
+def ravi_folder_images(root: Path, split: RaviSplit) -> dict[str, Path]:
+    """File name -> path of the images in ``train|val|test/<wnid>/``; a file in the folder of another
+    split or class than the Ravi split gives it, or a name found twice, is an error naming it."""
+    official = {name: (fs, wnid) for fs, rows in split.rows.items() for name, wnid in rows}
+    images: dict[str, Path] = {}
+    for fs, folder_name in CSV_SPLITS.items():
+        folder = root / folder_name
+        if not folder.is_dir():
+            continue
+        for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
+            for path in sorted(p for p in cls.iterdir() if has_extension(p.name, IMAGE_EXTENSIONS)):
+                if path.name in images:
+                    raise PrepareError(f"{path}: the same image is also at {images[path.name]}")
+                if path.name in official and official[path.name] != (fs, cls.name):
+                    right_fs, wnid = official[path.name]
+                    raise PrepareError(f"{path}: the Ravi split puts this image in "
+                                       f"{CSV_SPLITS[right_fs]}/{wnid}/; the folders do not follow the "
+                                       f"standard Ravi & Larochelle split")
+                images[path.name] = path
+    return images
+
+
+def ravi_classes(root: Path, split: RaviSplit, images: dict[str, Path]) -> dict[str, list[ClassImages]]:
+    """Per split, the classes (sorted wnids) with their image files (sorted by name = by index).
+
+    ``images``: file name -> path of every image found (Ravi names place each image, whatever its folder).
+    """
     official = {name: (fs, wnid) for fs, rows in split.rows.items() for name, wnid in rows}
     for fs, csv_name in CSV_SPLITS.items():  # CSVs shipped with the download must agree with ours
         path = root / f"{csv_name}.csv"
@@ -110,17 +160,15 @@ def ravi_classes(root: Path, split: RaviSplit) -> dict[str, list[ClassImages]]:
                 raise PrepareError(f"{path}: row {name},{wnid} is in {where} of the Ravi split "
                                    f"({split.files[fs].path.name} expected); the split file does not match "
                                    f"the standard Ravi & Larochelle split")
-    images_dir = root / "images"
-    files = sorted(p.name for p in images_dir.iterdir() if has_extension(p.name, IMAGE_EXTENSIONS))
+    files = sorted(images)
     unknown = [f for f in files if f not in official]
-    found = check_classes({f[:9] for f in files}, split.classes, source=images_dir,
-                          split_desc="the Ravi CSVs")
+    found = check_classes({f[:9] for f in files}, split.classes, source=root, split_desc="the Ravi CSVs")
     if unknown:
-        raise PrepareError(f"{images_dir}: {len(unknown)} images are not in the Ravi split files, e.g. "
-                           f"{unknown[0]}; the images and the split file do not match")
+        raise PrepareError(f"{images[unknown[0]].parent}: {len(unknown)} images are not in the Ravi split "
+                           f"files, e.g. {unknown[0]}; the images and the split file do not match")
     per_class: dict[str, list] = {}
     for f in files:  # sorted: the zero-padded index makes name order = index order
-        per_class.setdefault(official[f][1], []).append((str(images_dir / f), str(images_dir / f)))
+        per_class.setdefault(official[f][1], []).append((str(images[f]), str(images[f])))
     return {fs: [_class(w, split, per_class[w]) for w in wnids] for fs, wnids in found.items()}
 
 
@@ -183,18 +231,24 @@ def prepare_pickles(root: Path, writer: PreparedWriter, split: RaviSplit, spec: 
 
 
 def prepare(source: Path, out: Path, *, resolution: int | None = None, overwrite: bool = False,
-            workers: int = 2) -> Path:
+            workers: int = 2, train_resolution: int | None = None) -> Path:
+    """``train_resolution``: side of the training view, ILSVRC tree only (None: the default 160; 0: none).
+    The 84-px layouts have no training view: images.npy already holds all their pixels."""
     layout, root = detect_layout(source)
     split = load_ravi_split()
     size = resolution or (FULL_RES_SIZE if layout == "ilsvrc" else NATIVE_SIZE)
-    spec = DecodeSpec(size, 3)
+    spec = DecodeSpec(size, 3, train_size_for(layout == "ilsvrc", train_resolution))
     with PreparedWriter(out, dataset=DATASET, source=source, source_layout=layout, resolution=size,
-                        overwrite=overwrite) as writer:
+                        overwrite=overwrite, train_resolution=spec.train_size) as writer:
         record_split_files(writer, split.files)
         if layout == "pickle":
             prepare_pickles(root, writer, split, spec, workers)
         else:
-            per_split = ravi_classes(root, split) if layout == "ravi" else ilsvrc_classes(root, split)
+            if layout == "ilsvrc":
+                per_split = ilsvrc_classes(root, split)
+            else:
+                images = ravi_flat_images(root) if layout == "ravi" else ravi_folder_images(root, split)
+                per_split = ravi_classes(root, split, images)
             for fs in FEWSHOT_SPLITS:
                 write_class_split(writer, fs, per_split[fs], spec=spec, workers=workers,
                                   expected_classes=EXPECTED_CLASSES[fs],

@@ -9,7 +9,9 @@ Source layouts:
   category wnids; keys may be bytes: the files were written by Python 2). Stored at the native 84x84.
   The images pickle is unpickled whole (that is the format), so the train split needs RAM for its bytes.
 * ``ilsvrc``: the ILSVRC-2012 train tree ``[train/]nXXXXXXXX/*.JPEG``; every image of each split class,
-  sorted by the number in its file name, resized from full resolution to 92x92 by default.
+  sorted by the number in its file name, resized from full resolution to 92x92 by default, plus a
+  training view (each photo squashed to 160x160 by default, and its original size) that training crops
+  are cut from in the photo's coordinates.
 
 The split definition is the shipped Ren et al. CSVs (``data_prep/splits/tiered_imagenet/{split}.csv``:
 ``class wnid,category wnid``; ``*_named.csv`` add the WordNet words). Labels are split-local in sorted-wnid
@@ -28,7 +30,8 @@ import numpy as np
 from data_prep.common import (FEWSHOT_SPLITS, ClassImages, DecodeSpec, ImageItem, PrepareError, SplitFile,
                               as_text, check_classes, find_ilsvrc_tree, ilsvrc_class_images, is_wnid,
                               load_pickle,
-                              record_split_files, split_file, text_keys, write_class_split, write_split)
+                              record_split_files, split_file, text_keys, train_size_for, write_class_split,
+                              write_split)
 from s2m2.data import PreparedWriter
 
 DATASET = "tiered-imagenet"
@@ -140,12 +143,14 @@ def ilsvrc_classes(tree: Path, splits: dict[str, dict[str, str]], words: dict[st
 
 
 def prepare(source: Path, out: Path, *, resolution: int | None = None, overwrite: bool = False,
-            workers: int = 2) -> Path:
+            workers: int = 2, train_resolution: int | None = None) -> Path:
+    """``train_resolution``: side of the training view, ILSVRC tree only (None: the default 160; 0: none)."""
     layout, root = detect_layout(source)
     splits, words, files = load_ren_split()
-    spec = DecodeSpec(resolution or (NATIVE_SIZE if layout == "ren-pickles" else FULL_RES_SIZE), 3)
+    spec = DecodeSpec(resolution or (NATIVE_SIZE if layout == "ren-pickles" else FULL_RES_SIZE), 3,
+                      train_size_for(layout == "ilsvrc", train_resolution))
     with PreparedWriter(out, dataset=DATASET, source=source, source_layout=layout, resolution=spec.size,
-                        overwrite=overwrite) as writer:
+                        overwrite=overwrite, train_resolution=spec.train_size) as writer:
         record_split_files(writer, files)
         if layout == "ren-pickles":
             written = prepare_pickles(root, writer, splits, words, spec, workers)

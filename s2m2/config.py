@@ -84,6 +84,16 @@ class ScheduleConfig:
     seed: int = 0
     max_steps: int | None = None         # stop after this many optimizer steps in total (smoke runs)
     drop_last: bool = False
+    # Wall-clock budget for the whole run (all phases, validation included), in minutes; None: epochs only.
+    # The run stops cleanly at the budget with a resumable last.pt (``stopped: budget``); ``epochs`` /
+    # ``phase1_epochs`` stay upper bounds. Budgeted runs are how methods are compared on equal compute.
+    budget_minutes: float | None = None
+    phase1_fraction: float = 0.5         # s2m2_r/_e with a budget: the share of it spent in phase 1
+    # Learning rate: "constant" (the paper), or "cosine" from optim.lr to 0 over each phase -- over its
+    # share of the budget (elapsed time) when budget_minutes is set, else over its epochs.
+    lr_schedule: str = "constant"
+    # Which phase-1 weights phase 2 starts from: "last" (the release / Algorithm 1) or "best" (phase1_best.pt).
+    phase2_init: str = "last"
 
 
 @dataclass
@@ -96,6 +106,13 @@ class ValidationConfig:
     seed: int = 0                        # episodes are sampled ONCE from this seed
     head: str = "logreg"                 # s2m2.fewshot.heads.evaluate_episodes head
     patience: int | None = 20            # epochs without improvement before stopping; None: never stop
+    # Algorithm 1 early-stops only the Manifold Mixup phase: the self-supervised phase 1 of s2m2_r/_e
+    # trains all its epochs unless this is set (off by default; the authors report 200 vs 400 rotation
+    # epochs mattering).
+    phase1_patience: int | None = None
+    # Validation data from another prepared dataset (e.g. CUB val for the all-100 cross-domain variant,
+    # as CloserLook does). Needed when data.val_split is also a training split.
+    root: str | None = None
     every: int = 1                       # validate every N epochs
     batch_size: int = 256                # feature-extraction batch
 
@@ -111,6 +128,7 @@ class RuntimeConfig:
     log_every: int = 50                  # JSONL/TensorBoard step record every N steps
     progress: bool = True                # tqdm bars
     tensorboard: bool = True
+    plots: bool = True                   # PNG plots of the run (s2m2.plots) when it ends
     prefetch: bool = True                # read the next uint8 batch in a background thread
 
 
@@ -203,15 +221,24 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Light type check against the dataclass default (ints accepted for floats, lists for tuples)."""
-    if value is None or default is None:
+def _coerce(value: Any, default: Any, where: str, optional: bool = True) -> Any:
+    """Light type check against the dataclass default (ints accepted for floats, lists for tuples).
+
+    ``optional``: the field's type admits None (``X | None``); otherwise null is refused.
+    """
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{where}: must be set, got null")
+        return value
+    if default is None:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool) and isinstance(default, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")  # YAML true is not 1
+    if isinstance(default, float) and isinstance(value, (int, float)):
         return float(value)
     if isinstance(default, int) and not isinstance(value, int):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -242,9 +269,10 @@ def build_config(sections: dict[str, dict[str, Any]], origin: dict[str, str] | N
             files = sorted({origin.get(f"{section}.{k}", "--set") for k in unknown})
             raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]} (from {', '.join(files)}); "
                               f"known keys of {section!r}: {sorted(known)}")
+        optional = {f.name: "None" in str(f.type) for f in fields(target)}
         for key, value in values.items():
             where = f"{section}.{key} (from {origin.get(f'{section}.{key}', '--set')})"
-            setattr(target, key, _coerce(value, getattr(target, key), where))
+            setattr(target, key, _coerce(value, getattr(target, key), where, optional[key]))
     validate(config)
     return config
 
@@ -294,6 +322,53 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("method.exemplar_views must be >= 2 (the loss needs positives)")
     if v.every < 1:
         raise ConfigError("validation.every must be >= 1")
+    _validate_values(config)
+
+
+def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _validate_values(config: TrainConfig) -> None:
+    """Values that would otherwise fail only at run time (after data loading or a whole epoch)."""
+    from s2m2.fewshot.heads import HEADS
+    from s2m2.models import list_backbones
+
+    d, mo, o, s, v = config.data, config.model, config.optim, config.schedule, config.validation
+    if mo.backbone not in list_backbones():
+        raise ConfigError(f"model.backbone {mo.backbone!r} is not one of {list_backbones()}")
+    if v.head not in HEADS:
+        raise ConfigError(f"validation.head {v.head!r} is not one of {list(HEADS)}")
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("method.mixup_alpha", config.method.mixup_alpha)
+    _positive("method.ss_weight", config.method.ss_weight, allow_zero=True)
+    _positive("data.crop_size", d.crop_size)
+    _positive("data.eval_resize", d.eval_resize)
+    if d.eval_resize < d.crop_size:
+        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.crop_size={d.crop_size}")
+    _positive("model.classifier_width", mo.classifier_width)
+    _positive("model.classifier_scale", mo.classifier_scale)
+    _positive("schedule.max_steps", s.max_steps)
+    _positive("schedule.budget_minutes", s.budget_minutes)
+    if not 0 < s.phase1_fraction < 1:
+        raise ConfigError(f"schedule.phase1_fraction must be in (0, 1), got {s.phase1_fraction}")
+    if s.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"schedule.lr_schedule must be constant or cosine, got {s.lr_schedule!r}")
+    if s.phase2_init not in ("last", "best"):
+        raise ConfigError(f"schedule.phase2_init must be last or best, got {s.phase2_init!r}")
+    for name in ("ways", "shots", "queries", "episodes", "batch_size"):
+        _positive(f"validation.{name}", getattr(v, name))
+    if v.ways < 2:
+        raise ConfigError(f"validation.ways must be >= 2 (1-way accuracy is always 100%), got {v.ways}")
+    _positive("validation.patience", v.patience)
+    _positive("validation.phase1_patience", v.phase1_patience)
+    if d.val_split is not None and v.enabled and v.root in (None, "", d.root) and d.val_split in d.train_splits:
+        raise ConfigError(f"data.val_split={d.val_split!r} is also in data.train_splits={d.train_splits}: "
+                          f"validation would pick the best epoch on training classes; set "
+                          f"validation.root=PREPARED_DIR to validate on another dataset's {d.val_split!r} "
+                          f"split (e.g. CUB val for the all-100 variant) or validation.enabled=false")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from s2m2.cli import CommandParser, Interrupted, describe_error, output_file, same_file
 from s2m2.data.prepared import PreparedDataError, open_split
 from s2m2.data.transforms import EvalTransform
-from s2m2.evaluate import (add_feature_transform_args, add_head_args, add_protocol_args, evaluate_payload,
-                           format_table, write_record)
-from s2m2.features import FeaturesError, features_for_checkpoint
+from s2m2.evaluate import (add_feature_transform_args, add_head_args, add_protocol_args, check_feature_transform_args,
+                           evaluate_payload, format_table, write_record)
+from s2m2.features import FeaturesError, add_extraction_args, features_for_checkpoint, transform_from_args
 
 VARIANTS = ("base64", "all100")
 
@@ -66,52 +67,81 @@ def default_features_path(checkpoint: Path, cub: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2m2 cross-domain", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="s2m2 cross-domain", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="backbone trained on mini-ImageNet (ours or the release's)")
     p.add_argument("--cub", required=True, help="prepared CUB folder (`s2m2 prepare cub ...`)")
     p.add_argument("--variant", choices=("auto", *VARIANTS), default="auto")
     add_protocol_args(p, episodes=600)  # CUB: the release's 600 episodes
-    p.add_argument("--features-out", help="where to cache the CUB novel features (default: beside --cub)")
-    p.add_argument("--resize", type=int, help="test resize (default: the checkpoint's, else 92)")
-    p.add_argument("--crop", type=int, help="test crop (default: the checkpoint's, else 80)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--features-out", type=output_file,
+                   help="where to cache the CUB novel features (default: beside --cub)")
+    add_extraction_args(p)
     add_head_args(p)
     add_feature_transform_args(p)
     return p
 
 
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EvalTransform | None]:
+    """Parse and validate every flag before any work; returns the args and the --resize/--crop transform."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    transform = transform_from_args(parser, args)
+    check_feature_transform_args(parser, args)
+    for out_flag, out in (("--out", args.out), ("--features-out", args.features_out)):
+        for flag, path in (("--checkpoint", args.checkpoint), ("--base-features", args.base_features)):
+            if same_file(out, path):
+                parser.error(f"{out_flag} {out} is the {flag} file; writing there would destroy it")
+    if same_file(args.out, args.features_out):
+        parser.error("--out and --features-out name the same file; give the results their own file")
+    return args, transform
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, transform = parse_args(argv)
     wall = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint, cub = Path(args.checkpoint), Path(args.cub)
+    features_path = payload = None
     try:
         from s2m2.checkpoint import load_backbone
 
-        if (args.resize is None) != (args.crop is None):
-            raise ValueError("give both --resize and --crop, or neither")
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+        open_split(cub, "novel")  # a wrong --cub is reported before the model is loaded
         _, info = load_backbone(checkpoint)
         variant, how = resolve_variant(args.variant, *detect_variant(info))
         print(f"cross-domain variant: {variant} — {how}")
-        transform = EvalTransform(args.resize, args.crop) if args.resize is not None else None
         features_path = Path(args.features_out) if args.features_out else default_features_path(checkpoint, cub)
+        if not args.features_out:
+            try:  # the default cache location, checked before minutes of extraction like --features-out
+                output_file(str(features_path))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"cannot cache the CUB features beside --cub ({err}); pass --features-out "
+                                 f"FILE") from None
         payload = features_for_checkpoint(checkpoint, cub, "novel", features_path, transform=transform,
                                           batch_size=args.batch_size, device=args.device,
-                                          progress=not args.no_progress)
-        results, head_options, transform_record = evaluate_payload(payload, args, skip_impossible=True)
-    except (FileNotFoundError, PreparedDataError, FeaturesError, ValueError) as err:
-        print(f"s2m2 cross-domain: error: {err}", file=sys.stderr)
+                                          progress=not args.no_progress, precision=args.precision)
+        results, head_options, transform_record, threads = evaluate_payload(payload, args, skip_impossible=True)
+    except (OSError, PreparedDataError, FeaturesError, ValueError) as err:  # CheckpointError too
+        print(f"s2m2 cross-domain: error: {describe_error(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        if payload is not None:
+            # The features cache is complete (written atomically) and saves the next run the extraction.
+            raise Interrupted(f"kept the features cache {features_path}; no results written") from err
+        raise
     num_classes = len(payload["class_names"])
     print(f"mini-ImageNet ({variant}) -> CUB novel: {num_classes} classes, {len(payload['labels'])} images, "
           f"features {features_path}")
     print(format_table(results, args.head))
     if args.out:
-        write_record(args.out, "s2m2-cross-domain", args, payload, features_path, results, head_options,
-                     transform_record, wall, variant=variant, variant_reason=how)
+        try:
+            write_record(args.out, "s2m2-cross-domain", args, payload, features_path, results, head_options,
+                         transform_record, wall, threads=threads, variant=variant, variant_reason=how)
+        except OSError as err:  # e.g. the disk filled up during the run: --out was checked before it
+            print(f"s2m2 cross-domain: error: --out {args.out}: cannot write ({err.strerror or err}); the "
+                  f"table above has the results", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     return 0
 

@@ -4,10 +4,12 @@
 
 Features are computed in eval mode, without gradients, on uint8 batches read straight from the prepared
 split's memmap; the test transform (:class:`s2m2.data.transforms.EvalTransform`) runs on the whole batch on
-the compute device. On CUDA the backbone runs in bf16 autocast with channels_last memory format.
+the compute device. ``--precision`` (default ``auto``: bf16 autocast on CUDA, fp32 elsewhere; ``fp32``
+restores full precision on CUDA) is recorded in the file and part of the cache key. On CUDA the backbone
+runs with channels_last memory format.
 
 The features file is a ``torch.save`` dict (see :func:`save_features`) and carries a ``cache_key`` =
-sha256 of (checkpoint fingerprint, split fingerprint, transform key). A second call with the same
+sha256 of (checkpoint fingerprint, split fingerprint, transform key, precision unless fp32). A second call with the same
 checkpoint, data and transform finds the file with the same key and does no work.
 """
 
@@ -24,6 +26,8 @@ from typing import Any
 import torch
 
 from s2m2.data.prepared import PreparedDataError, PreparedSplit, open_split
+from s2m2.cli import (CommandParser, describe_error, device_arg, int_at_least, interrupt_point, output_file,
+                      same_file)
 from s2m2.data.transforms import EvalTransform
 from s2m2.utils import atomic_torch_save
 
@@ -31,21 +35,47 @@ FEATURES_FORMAT = "s2m2-features"
 FEATURES_FORMAT_VERSION = 1
 
 
+#: what ``precision`` may be: the CLI offers the first three, the trainer's validator may also pass fp16
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class FeaturesError(RuntimeError):
     """A features file is missing, unreadable, or not an s2m2 features file."""
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; other values are returned as they are (checked)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def _autocast(precision: str, device: torch.device):
+    """The autocast context of a resolved precision. fp32 *disables* autocast, so fp32 means fp32 even
+    inside a caller's autocast (e.g. a training loop running in bf16)."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, split: PreparedSplit, transform: EvalTransform,
                      batch_size: int = 256, device: str | torch.device = "cpu",
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every image of ``split``, in row order.
+
+    ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16" or "fp16" (autocast
+    dtypes); see :func:`resolve_precision`.
 
     Returns:
         features: FloatTensor (N, D) on the CPU (float32 even when computed in bf16).
         labels: LongTensor (N,), the split's labels.
     """
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     was_training = backbone.training
     backbone.eval().to(device)
     on_cuda = device.type == "cuda"
@@ -65,32 +95,34 @@ def extract_features(backbone: torch.nn.Module, split: PreparedSplit, transform:
             x = transform(batch)
             if on_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = backbone(x)
-            else:
+            with _autocast(precision, device):
                 out = backbone(x)
             chunks.append(out.float().cpu())
+            interrupt_point("features")
     finally:
         backbone.train(was_training)
     features = torch.cat(chunks) if chunks else torch.empty(0, getattr(backbone, "feature_dim", 0))
     return features, torch.from_numpy(split.labels.copy()).long()
 
 
-def cache_key(checkpoint_fingerprint: str, split_fingerprint: str, transform: EvalTransform) -> str:
-    """16 hex chars identifying (checkpoint, split contents, transform): equal keys = identical features."""
+def cache_key(checkpoint_fingerprint: str, split_fingerprint: str, transform: EvalTransform,
+              precision: str = "fp32") -> str:
+    """16 hex chars identifying (checkpoint, split contents, transform, resolved precision): equal keys =
+    identical features. fp32 adds nothing to the text, so caches written before precision was a choice
+    (fp32 on CPU) keep their keys; a bf16 file from before is recomputed once."""
     text = (f"{FEATURES_FORMAT}-v{FEATURES_FORMAT_VERSION}|{checkpoint_fingerprint}|{split_fingerprint}"
-            f"|{transform.key()}")
+            f"|{transform.key()}" + ("" if precision == "fp32" else f"|{precision}"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch.Tensor, *, split: PreparedSplit,
                   transform: EvalTransform, checkpoint: dict[str, Any], key: str, seconds: float,
-                  default_transform: bool = False) -> None:
+                  default_transform: bool = False, precision: str = "fp32") -> None:
     """Write a features file atomically.
 
     Contents: format/format_version, cache_key, features (N, D) float32, labels (N,) int64, class_names,
     dataset {name, split, fingerprint, root}, transform {resize, crop, key, default: chosen from the
-    checkpoint rather than given}, checkpoint {path, source,
+    checkpoint rather than given}, precision (resolved: fp32, bf16 or fp16), checkpoint {path, source,
     fingerprint, backbone, epoch, config}, seconds (extraction wall time).
     """
     atomic_torch_save({
@@ -104,6 +136,7 @@ def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch
                     "root": str(split.root)},
         "transform": {"resize": transform.resize, "crop": transform.crop, "key": transform.key(),
                       "default": default_transform},
+        "precision": precision,
         "checkpoint": checkpoint,
         "seconds": seconds,
     }, path)
@@ -153,18 +186,20 @@ def default_transform(info: dict[str, Any]) -> EvalTransform:
 def features_for_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, split_name: str,
                             out: str | os.PathLike, *, transform: EvalTransform | None = None,
                             batch_size: int = 256, device: str = "cpu", progress: bool = True,
-                            log=print) -> dict[str, Any]:
+                            log=print, precision: str = "auto") -> dict[str, Any]:
     """Extract (or reuse cached) features of ``data/split_name`` with ``checkpoint``; return the payload.
 
     Cache: ``out`` is reused when it holds features with the same key (checkpoint file fingerprint, split
-    fingerprint, transform). With ``transform=None`` (the checkpoint's default) a cached file made from the
-    same checkpoint and split with its default transform is reused without loading the model.
+    fingerprint, transform, resolved ``precision``). With ``transform=None`` (the checkpoint's default) a
+    cached file made from the same checkpoint and split with its default transform is reused without
+    loading the model.
     """
     from s2m2.checkpoint import file_fingerprint, load_backbone  # engineer B's module
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+    precision = resolve_precision(precision, device)
     split = open_split(data, split_name)
     ckpt_fp, split_fp = file_fingerprint(checkpoint), split.fingerprint()
     out = Path(out)
@@ -176,65 +211,86 @@ def features_for_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLi
             log(f"features: ignoring unreadable cache {out} ({err})")
     if cached is not None and transform is None and cached.get("transform", {}).get("default", False):
         resize, crop = cached["transform"]["resize"], cached["transform"]["crop"]
-        if cached["cache_key"] == cache_key(ckpt_fp, split_fp, EvalTransform(resize, crop)):
+        if cached["cache_key"] == cache_key(ckpt_fp, split_fp, EvalTransform(resize, crop), precision):
             transform = EvalTransform(resize, crop)  # the default recorded for this very checkpoint
     backbone = info = None
     is_default = transform is None
     if transform is None:
         backbone, info = load_backbone(checkpoint, map_location="cpu")
         transform = default_transform(info)
-    key = cache_key(ckpt_fp, split_fp, transform)
+    key = cache_key(ckpt_fp, split_fp, transform, precision)
     if cached is not None:
         if cached["cache_key"] == key:
             log(f"features: cache hit {out} (key {key} = sha256 of checkpoint {ckpt_fp}, split {split_fp}, "
-                f"{transform.key()})")
+                f"{transform.key()}, {precision})")
             return cached
         log(f"features: {out} holds other features (key {cached['cache_key']} != {key}); recomputing")
     if backbone is None:
         backbone, info = load_backbone(checkpoint, map_location="cpu")
     start = time.perf_counter()
     feats, labels = extract_features(backbone, split, transform, batch_size=batch_size, device=device,
-                                     progress=progress)
+                                     progress=progress, precision=precision)
     seconds = time.perf_counter() - start
     ckpt_info = {"path": str(checkpoint.absolute()), "source": info.get("source"), "fingerprint": ckpt_fp,
                  "backbone": info.get("backbone"), "epoch": info.get("epoch"), "config": info.get("config")}
     save_features(out, feats, labels, split=split, transform=transform, checkpoint=ckpt_info, key=key,
-                  seconds=seconds, default_transform=is_default)
-    log(f"features: wrote {out} ({tuple(feats.shape)}, {seconds:.1f}s, key {key})")
+                  seconds=seconds, default_transform=is_default, precision=precision)
+    log(f"features: wrote {out} ({tuple(feats.shape)}, {precision}, {seconds:.1f}s, key {key})")
     return load_features(out)
 
 
+def add_extraction_args(p: argparse.ArgumentParser) -> None:
+    """Transform, batch size and precision flags, shared with ``s2m2 cross-domain``."""
+    p.add_argument("--resize", type=int_at_least(1), help="test-time resize (default: from the checkpoint's "
+                   "config, else 92)")
+    p.add_argument("--crop", type=int_at_least(1), help="test-time centre crop (default: from the config, else 80)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="backbone precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp32 = full precision "
+                        "everywhere (recorded in the features file and part of its cache key)")
+
+
+def transform_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalTransform | None:
+    """The --resize/--crop transform, None for the checkpoint's default; a one-line error when they clash."""
+    if (args.resize is None) != (args.crop is None):
+        parser.error("give both --resize and --crop, or neither")
+    if args.resize is None:
+        return None
+    if args.crop > args.resize:
+        parser.error(f"--crop {args.crop} is larger than --resize {args.resize}; the crop is taken inside "
+                     f"the resized image")
+    return EvalTransform(args.resize, args.crop)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2m2 features", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="s2m2 features", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="our checkpoint or the release's (.tar/.pt)")
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--split", default="novel", help="split to extract (default: novel)")
-    p.add_argument("--out", required=True, help="features file to write (reused when its cache key matches)")
-    p.add_argument("--resize", type=int, help="test-time resize (default: from the checkpoint's config, else 92)")
-    p.add_argument("--crop", type=int, help="test-time centre crop (default: from the config, else 80)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=output_file, required=True,
+                   help="features file to write (reused when its cache key matches)")
+    add_extraction_args(p)
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    transform = None
-    if args.resize is not None or args.crop is not None:
-        if args.resize is None or args.crop is None:
-            print("s2m2 features: give both --resize and --crop, or neither", file=sys.stderr)
-            return 2
-        transform = EvalTransform(args.resize, args.crop)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    transform = transform_from_args(parser, args)
+    if same_file(args.out, args.checkpoint):
+        parser.error(f"--out {args.out} is the --checkpoint file; writing features there would destroy it")
     try:
         payload = features_for_checkpoint(args.checkpoint, args.data, args.split, args.out, transform=transform,
                                           batch_size=args.batch_size, device=args.device,
-                                          progress=not args.no_progress)
-    except (FileNotFoundError, PreparedDataError, FeaturesError, ValueError) as err:  # CheckpointError too
-        print(f"s2m2 features: error: {err}", file=sys.stderr)
+                                          progress=not args.no_progress, precision=args.precision)
+    except (OSError, PreparedDataError, FeaturesError, ValueError) as err:  # CheckpointError too
+        print(f"s2m2 features: error: {describe_error(err)}", file=sys.stderr)
         return 2
     print(f"{args.out}: {tuple(payload['features'].shape)} features of {payload['dataset']['name']}/"
-          f"{payload['dataset']['split']}, transform {payload['transform']['key']}, key {payload['cache_key']}")
+          f"{payload['dataset']['split']}, transform {payload['transform']['key']}, "
+          f"{payload.get('precision', 'fp32')}, key {payload['cache_key']}")
     return 0
 
 

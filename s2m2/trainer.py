@@ -16,8 +16,18 @@ Phases. ``s2m2_r`` / ``s2m2_e`` with ``schedule.phase1_epochs > 0`` run phase 1 
 ``exemplar``) and then phase 2 in one command; with ``schedule.init_from`` phase 2 starts from a phase-1
 checkpoint. At the hand-off the rotation head and the Adam state are kept, unless
 ``method.release_handoff`` (re-initialised rotation head and a fresh Adam, as the release does).
-Validation and patience run in every phase; early stopping in phase 1 moves on to phase 2. ``best.pt``
-holds the best epoch of the final phase (phase 1's best is kept as ``phase1_best.pt``).
+Phase 2 starts from phase 1's last weights (``schedule.phase2_init: best`` takes ``phase1_best.pt``).
+Validation runs in every phase; patience cuts only the final phase, as in Algorithm 1 (phase 1 trains
+all its epochs unless ``validation.phase1_patience`` is set). ``best.pt`` holds the best epoch of the
+final phase (phase 1's best is kept as ``phase1_best.pt``).
+
+Budgets. ``schedule.budget_minutes`` bounds the whole run's wall-clock time, validation included (phase 1
+of s2m2_r/_e gets ``phase1_fraction`` of it). Time spent is carried across resumes in the checkpoint; the
+step loop stops when the time left would not cover the next validation, the partial epoch is validated
+and saved, and the run ends with ``stopped: budget`` and a resumable ``last.pt``. With
+``schedule.lr_schedule: cosine`` the learning rate follows a cosine to 0 over each phase's share of the
+budget (or over its epochs without a budget). A time-driven schedule is, by nature, not bit-exact across
+resumes or machines; everything else above still is.
 """
 
 from __future__ import annotations
@@ -41,8 +51,8 @@ import torch.distributed as dist
 from torch import nn
 
 from s2m2.config import PHASE1_METHOD, ConfigError, TrainConfig, config_diff
-from s2m2.data import EvalTransform, PreparedSplit, open_split
-from s2m2.data.augment import TrainAugment
+from s2m2.data import EvalTransform, PreparedSplit, check_trainable, open_split
+from s2m2.data.augment import TrainAugment, pack_source_sizes
 from s2m2.models import create_backbone
 from s2m2.models.heads import create_head
 from s2m2.objectives import ROTATION_METHODS, STEPS, StepContext, TrainModel
@@ -52,7 +62,8 @@ CHECKPOINT_FORMAT = "s2m2-checkpoint"   # the payload described in s2m2.checkpoi
 CHECKPOINT_VERSION = 1
 # Config keys that may change when resuming (everything else must match the checkpoint); a moved data
 # folder is fine because the data fingerprint (content hashes) is checked separately.
-RESUMABLE_CHANGES = ("data.root", "schedule.epochs", "schedule.max_steps", "validation.patience")
+RESUMABLE_CHANGES = ("data.root", "schedule.epochs", "schedule.max_steps", "schedule.budget_minutes",
+                     "validation.patience", "validation.phase1_patience")
 
 
 class TrainingError(RuntimeError):
@@ -102,15 +113,25 @@ def steps_per_epoch(num_samples: int, global_batch: int, world: int, drop_last: 
 class TrainData:
     """One or several prepared splits as one labelled training set (labels offset per split).
 
-    ``gather(rows) -> uint8 (B, H, W, C)`` reads a batch from the memory-mapped arrays (rows sorted for
-    locality, returned in the requested order); nothing is loaded whole.
+    ``gather(rows)`` reads a batch from the memory-mapped arrays (rows sorted for locality, returned in the
+    requested order); nothing is loaded whole. It returns uint8 (B, H, W, C) stored images, or, when the
+    splits carry a training view of full-resolution photos and ``use_train_view`` is set (``train_view``
+    is then True), uint8 (B, T + 1, T, C): each photo squashed to T x T plus a header row holding its
+    original (height, width) (:func:`s2m2.data.augment.pack_source_sizes`), for
+    ``TrainAugment(source_sized=True)`` to crop in the photo's own pixels as the release does.
     """
 
-    def __init__(self, root: str | os.PathLike, split_names: list[str]):
+    def __init__(self, root: str | os.PathLike, split_names: list[str], use_train_view: bool = True):
         self.root = str(root)
         self.split_names = list(split_names)
         self.splits: list[PreparedSplit] = [open_split(root, name) for name in split_names]
-        shapes = {s.split: s.image_shape for s in self.splits}
+        check_trainable(self.splits[0].meta, root)  # a format-1 folder of full-resolution photos: refused
+        has_view = {s.split: s.train_images is not None for s in self.splits}
+        if len(set(has_view.values())) != 1:
+            raise TrainingError(f"{root}: only some of data.train_splits have a training view {has_view}; "
+                                f"prepare the dataset again")
+        self.train_view = use_train_view and all(has_view.values())
+        shapes = {s.split: (s.train_images.shape[1:] if self.train_view else s.image_shape) for s in self.splits}
         if len(set(shapes.values())) != 1:
             raise TrainingError(f"{root}: data.train_splits have different image shapes {shapes}; "
                                 f"they must match to be concatenated")
@@ -120,23 +141,31 @@ class TrainData:
         self.labels = torch.from_numpy(np.concatenate(
             [s.labels + off for s, off in zip(self.splits, label_offsets[:-1])]).astype(np.int64))
         self.num_classes = int(label_offsets[-1])
-        self.image_shape = self.splits[0].image_shape
+        self.image_shape = tuple(shapes[self.splits[0].split])  # (H, W, C) or (T, T, C) of the training view
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B,) row indices -> uint8 (B, H, W, C) (a fresh, writable CPU tensor)."""
+        """(B,) row indices -> uint8 (B, H, W, C), or packed (B, T + 1, T, C) with ``train_view`` (a fresh,
+        writable CPU tensor)."""
         rows_np = rows.numpy()
         out = np.empty((len(rows_np),) + self.image_shape, dtype=np.uint8)
+        source_sizes = np.empty((len(rows_np), 2), dtype=np.int32)
         order = np.argsort(rows_np, kind="stable")
         sorted_rows = rows_np[order]
         which = np.searchsorted(self.starts, sorted_rows, side="right") - 1
         for k, split in enumerate(self.splits):
             sel = which == k
             if sel.any():
-                out[order[sel]] = split.images[sorted_rows[sel] - self.starts[k]]
-        return torch.from_numpy(out)
+                local = sorted_rows[sel] - self.starts[k]
+                if self.train_view:
+                    out[order[sel]] = split.train_images[local]
+                    source_sizes[order[sel]] = split.source_sizes[local]
+                else:
+                    out[order[sel]] = split.images[local]
+        images = torch.from_numpy(out)
+        return pack_source_sizes(images, torch.from_numpy(source_sizes)) if self.train_view else images
 
     def fingerprint(self) -> str:
         text = "|".join(f"{s.split}:{s.fingerprint()}" for s in self.splits)
@@ -248,7 +277,7 @@ class Validator:
         from s2m2.fewshot.episodes import sample_episodes
 
         v = config.validation
-        self.split = open_split(config.data.root, config.data.val_split)
+        self.split = open_split(v.root or config.data.root, config.data.val_split)
         self.transform = EvalTransform(config.data.eval_resize, config.data.crop_size)
         self.config = v
         self.runtime = runtime
@@ -279,18 +308,31 @@ class Validator:
 class RunLog:
     """JSONL records (``log.jsonl``) and TensorBoard scalars (``tb/``), written by rank 0 only."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, keep_until_step: int | None):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, keep_until_step: int | None,
+                 keep_records: int | None = None):
         self.enabled = enabled
         self.path = out_dir / "log.jsonl"
         self.writer = None
+        self.count = 0   # records in the file: a checkpoint stores it, so a resume keeps exactly those
         if not enabled:
             return
         if keep_until_step is not None and self.path.exists():
             # Resuming: drop records written after the checkpoint (a crashed run's tail) so the log is
-            # the history of exactly the run that continues.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-            atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept)), binary=False)
+            # the history of exactly the run that continues. A torn last line (power loss, full disk)
+            # is dropped too.
+            kept = []
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                kept.append((line, rec))
+            if keep_records is not None:
+                kept = kept[:keep_records]
+            else:  # checkpoints from before record counting
+                kept = [(line, rec) for line, rec in kept if rec.get("step", 0) <= keep_until_step]
+            self.count = len(kept)
+            atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line, _ in kept)), binary=False)
         elif keep_until_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
@@ -305,6 +347,7 @@ class RunLog:
         rec = {"type": kind, "step": step, "time": time.time(), **fields}
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
+        self.count += 1
         if self.writer is not None:
             for key, value in fields.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -383,7 +426,8 @@ class Trainer:
         c = config
         if not c.data.root:
             raise ConfigError("data.root is empty: set it to a prepared dataset folder (--set data.root=DIR)")
-        self.data = TrainData(c.data.root, c.data.train_splits)
+        # the full-resolution training view when augmenting; the stored (evaluation) view otherwise
+        self.data = TrainData(c.data.root, c.data.train_splits, use_train_view=c.data.augment)
         self.validator = (Validator(c, self.rt)
                           if c.validation.enabled and c.data.val_split else None)
         self.data_info = {"root": str(Path(c.data.root).resolve()), "splits": list(c.data.train_splits),
@@ -405,7 +449,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.autocast_dtype == torch.float16)
 
         self.augment = TrainAugment(c.data.crop_size, tuple(c.data.crop_scale), tuple(c.data.crop_ratio),
-                                    c.data.jitter, c.data.flip)
+                                    c.data.jitter, c.data.flip, source_sized=self.data.train_view)
         eval_transform = EvalTransform(c.data.eval_resize, c.data.crop_size)
         self.transform = self.augment if c.data.augment else (lambda images, generator: eval_transform(images))
 
@@ -419,6 +463,14 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.since_best = 0
+        self.elapsed = 0.0        # wall-clock seconds of training so far (all sessions, validation included)
+        self.phase_started = 0.0  # self.elapsed when the current phase began (for the cosine-in-time LR)
+        self.images_seen = 0      # training images (global) through the optimizer, all phases
+        self.budget_spent = False # the step loop stopped the current phase for the budget
+        self.log_records = None   # log.jsonl records covered by the resumed checkpoint
+        self.log: RunLog | None = None
+        self._clock: tuple[float, float] | None = None   # (perf_counter, self.elapsed) when this session began
+        self._last_val_seconds = 0.0
 
         resume_path = self._resolve_resume(resume)
         if resume_path is not None:
@@ -476,6 +528,13 @@ class Trainer:
         self.step_in_epoch = progress["step_in_epoch"]
         self.partial = dict(progress["partial"])
         self.since_best = progress["since_best"]
+        self.elapsed = progress.get("elapsed", 0.0)
+        self.phase_started = progress.get("phase_started", 0.0)
+        self.images_seen = progress.get("images_seen", 0)
+        # A budget spent under the old budget_minutes is not spent under a new one (resume with more time).
+        self.budget_spent = (progress.get("budget_spent", False) and
+                             payload["config"]["schedule"].get("budget_minutes") == self.config.schedule.budget_minutes)
+        self.log_records = progress.get("log_records")
         self.epoch, self.step = payload["epoch"], payload["step"]
         self.history = list(payload["history"])
         self.best = payload["best"]
@@ -539,12 +598,62 @@ class Trainer:
             "rng": rng_state(), "history": list(self.history), "best": self.best,
             "progress": {"phase_index": self.phase_index, "epoch_in_phase": self.epoch_in_phase,
                          "step_in_epoch": self.step_in_epoch, "partial": dict(self.partial),
-                         "since_best": self.since_best},
+                         "since_best": self.since_best, "elapsed": self._elapsed(),
+                         "phase_started": self.phase_started, "images_seen": self.images_seen,
+                         "budget_spent": self.budget_spent,
+                         "log_records": self.log.count if self.log is not None else None},
         }
 
     def save(self, name: str) -> None:
         if self.rt.is_main:
             atomic_torch_save(self._payload(), self.out_dir / name)
+
+    # -- budget and learning rate --------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        """Seconds of training so far, this session included (validation time counts)."""
+        if self._clock is None:
+            return self.elapsed
+        started, elapsed_then = self._clock
+        return elapsed_then + time.perf_counter() - started
+
+    def _synced_elapsed(self) -> float:
+        """``_elapsed()`` agreed by all ranks (the max), so they stop and schedule the LR together."""
+        elapsed = self._elapsed()
+        if self.rt.distributed and self.config.schedule.budget_minutes is not None:
+            t = torch.tensor([elapsed], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            elapsed = float(t)
+        return elapsed
+
+    def _deadline(self, index: int) -> float | None:
+        """Elapsed seconds at which phase ``index`` must end, or None without a budget."""
+        s = self.config.schedule
+        if s.budget_minutes is None:
+            return None
+        total = 60.0 * s.budget_minutes
+        if len(self.phases) == 2 and index == 0:
+            return s.phase1_fraction * total
+        return total
+
+    def _budget_out(self, elapsed: float | None = None, reserve: float = 0.0) -> bool:
+        deadline = self._deadline(self.phase_index)
+        if deadline is None:
+            return False
+        elapsed = self._synced_elapsed() if elapsed is None else elapsed
+        return elapsed + reserve >= deadline
+
+    def _set_lr(self, phase: Phase, elapsed: float, steps_in_epoch: int) -> None:
+        """The cosine schedule (``schedule.lr_schedule: cosine``): optim.lr -> 0 over the phase."""
+        if self.config.schedule.lr_schedule != "cosine":
+            return
+        deadline = self._deadline(self.phase_index)
+        if deadline is not None:
+            done = (elapsed - self.phase_started) / max(deadline - self.phase_started, 1e-9)
+        else:
+            done = (self.epoch_in_phase * steps_in_epoch + self.step_in_epoch) / max(phase.epochs * steps_in_epoch, 1)
+        lr = self.config.optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     # -- training ------------------------------------------------------------------------------------
     def _wrapped(self) -> nn.Module:
@@ -576,8 +685,9 @@ class Trainer:
             f"{step_in_epoch + 1} of the epoch (global step {self.step + 1}) on rank {self.rt.rank}: "
             f"loss={float(stats.loss):.4g} ({terms}); training stopped, {kept}. Lower optim.lr or check the data.")
 
-    def _run_epoch(self, phase: Phase, log: RunLog) -> bool:
-        """One epoch (or its rest, when resuming mid-epoch). Returns False when max_steps stopped it."""
+    def _run_epoch(self, phase: Phase, log: RunLog) -> str | None:
+        """One epoch (or its rest, when resuming mid-epoch). Returns None when it completed, else why it
+        stopped early: "max_steps" or "budget"."""
         c = self.config
         seed, world, rank = c.schedule.seed, self.rt.world, self.rt.rank
         global_batch = c.schedule.batch_size
@@ -607,12 +717,18 @@ class Trainer:
             bar = tqdm(total=num_steps, initial=self.step_in_epoch, leave=False, dynamic_ncols=True,
                        desc=f"{phase.name} {phase.method} epoch {self.epoch + 1}")
         pending = pool.submit(fetch, self.step_in_epoch) if (pool and self.step_in_epoch < num_steps) else None
-        completed = True
+        stopped = None
         start = time.perf_counter()
         for step_in_epoch in range(self.step_in_epoch, num_steps):
             if c.schedule.max_steps is not None and self.step >= c.schedule.max_steps:
-                completed = False
+                stopped = "max_steps"
                 break
+            elapsed = self._synced_elapsed()
+            # Stop while the time left still covers the validation that closes the (partial) epoch.
+            if self._budget_out(elapsed, reserve=self._last_val_seconds if self.validator else 0.0):
+                stopped = "budget"
+                break
+            self._set_lr(phase, elapsed, num_steps)
             images, labels = pending.result() if pending else fetch(step_in_epoch)
             if pool and step_in_epoch + 1 < num_steps:
                 pending = pool.submit(fetch, step_in_epoch + 1)
@@ -639,6 +755,9 @@ class Trainer:
             meters["count"] += stats.count
             meters["images"] += len(labels) * world
             meters["steps"] += 1
+            for name, value in stats.terms.items():
+                meters[f"loss_{name}"] = meters.get(f"loss_{name}", 0.0) + float(value)
+            self.images_seen += len(labels) * world
             elapsed = meters["seconds"] + time.perf_counter() - start
             if bar is not None:
                 bar.update(1)
@@ -653,9 +772,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         if pool:
+            if pending is not None:
+                pending.cancel()
             pool.shutdown(wait=True)
         self.partial = meters
-        return completed
+        return stopped
 
     def _end_epoch(self, phase: Phase, log: RunLog) -> None:
         """Validation, ``best.pt`` / ``last.pt`` and the epoch record."""
@@ -673,12 +794,18 @@ class Trainer:
             "epoch": self.epoch, "phase": phase.name, "method": phase.method,
             "loss": m["loss"] / max(m["steps"], 1), "train_acc": 100 * m["correct"] / max(m["count"], 1),
             "images_per_s": m["images"] / max(m["seconds"], 1e-9), "seconds": m["seconds"],
+            **{k: v / max(m["steps"], 1) for k, v in m.items() if k.startswith("loss_")},
+            "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if m.get("steps", 0) and self.step_in_epoch < steps_per_epoch(
+                len(self.data), c.schedule.batch_size, self.rt.world, c.schedule.drop_last):
+            record["partial"] = True   # cut by the budget
         improved = False
         if self.validator is not None and self.epoch_in_phase % c.validation.every == 0:
             start = time.perf_counter()
             acc, ci = self.validator(self.model.backbone)
-            record.update(val_acc=acc, val_ci95=ci, val_seconds=time.perf_counter() - start)
+            self._last_val_seconds = time.perf_counter() - start
+            record.update(val_acc=acc, val_ci95=ci, val_seconds=self._last_val_seconds)
             improved = self.best is None or acc > self.best["val_acc"]
             if improved:
                 self.best = {"epoch": self.epoch, "phase": phase.name, "val_acc": acc, "val_ci95": ci}
@@ -687,10 +814,11 @@ class Trainer:
                 self.since_best += 1
         self.history.append({"step": self.step, **record})
         self.step_in_epoch, self.partial = 0, {}
+        # The record first, so that the checkpoint's log_records covers it.
+        log.record("epoch", self.step, **record)
         if improved:
             self.save("best.pt" if phase is self.phases[-1] else "phase1_best.pt")
         self.save("last.pt")
-        log.record("epoch", self.step, **record)
         if self.rt.is_main:
             val = f", val {record['val_acc']:.2f} +- {record['val_ci95']:.2f}%" if "val_acc" in record else ""
             print(f"[{phase.name} {phase.method}] epoch {self.epoch}: loss {record['loss']:.4f}, "
@@ -701,16 +829,26 @@ class Trainer:
         """Phase hand-off (phase 1 -> phase 2): keep heads + Adam, or the release's reset."""
         self.phase_index, self.epoch_in_phase = index, 0
         self.best, self.since_best = None, 0
+        self.phase_started, self.budget_spent = self._elapsed(), False
+        if index > 0 and self.config.schedule.phase2_init == "best":
+            best = self.out_dir / "phase1_best.pt"
+            if not best.is_file():
+                raise TrainingError(f"schedule.phase2_init=best but {best} does not exist (phase 1 ran "
+                                    f"without validation?); use schedule.phase2_init=last")
+            self._load_states(load_payload(best), optimizer=True)
         if index > 0 and self.config.method.release_handoff:
             if self.model.ss_head is not None:
                 torch.manual_seed(derive_seed("handoff", self.config.schedule.seed))
                 reset_module(self.model.ss_head)
             self.optimizer = build_optimizer(self.config, self.model)
         log.record("phase", self.step, phase=self.phases[index].name, method=self.phases[index].method,
-                   release_handoff=self.config.method.release_handoff)
+                   release_handoff=self.config.method.release_handoff,
+                   init=self.config.schedule.phase2_init if index > 0 else None)
 
     def _patience_out(self) -> bool:
-        patience = self.config.validation.patience
+        """Algorithm 1: patience cuts the final phase only (phase 1 with validation.phase1_patience)."""
+        v = self.config.validation
+        patience = v.phase1_patience if self.phases[self.phase_index].name == "phase1" else v.patience
         return self.validator is not None and patience is not None and self.since_best >= patience
 
     def fit(self) -> dict[str, Any]:
@@ -719,47 +857,92 @@ class Trainer:
         resumed = getattr(self, "resumed_from", None)
         if self.rt.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
             text = _yaml_dump(c.to_dict())
             atomic_write(self.out_dir / "config.yaml", lambda f: f.write(text), binary=False)
-        log = RunLog(self.out_dir, self.rt.is_main, c.runtime.tensorboard,
-                     keep_until_step=self.step if resumed else None)
-        stopped = "finished"
+        log = self.log = RunLog(self.out_dir, self.rt.is_main, c.runtime.tensorboard,
+                                keep_until_step=self.step if resumed else None, keep_records=self.log_records)
+        self._clock = (time.perf_counter(), self.elapsed)
+        stopped, error = "finished", None
         try:
             if resumed:
-                log.record("resume", self.step, checkpoint=resumed, epoch=self.epoch)
+                log.record("resume", self.step, checkpoint=resumed, epoch=self.epoch, elapsed=self.elapsed)
             else:
                 log.record("start", 0, config=c.to_dict(), data=self.data_info, world_size=self.rt.world,
                            device=str(self.rt.device), init_from=getattr(self, "init_from", None))
                 self._start_phase(0, log)
             while self.phase_index < len(self.phases):
                 phase = self.phases[self.phase_index]
-                while self.epoch_in_phase < phase.epochs and not self._patience_out():
-                    if not self._run_epoch(phase, log):
+                while (self.epoch_in_phase < phase.epochs and not self._patience_out()
+                       and not self.budget_spent and not self._budget_out()):
+                    why = self._run_epoch(phase, log)
+                    if why == "max_steps":
                         stopped = "max_steps"
                         break
+                    if why == "budget":
+                        # The phase's time is up (the same decision on every rank, from the synced clock);
+                        # a partial epoch is validated and saved like any other, an empty one is not.
+                        self.budget_spent = True
+                        if not self.partial.get("steps"):
+                            self.save("last.pt")
+                            break
                     self._end_epoch(phase, log)
                     if self._patience_out():
                         log.record("early_stop", self.step, phase=phase.name, epoch=self.epoch,
-                                   best=self.best, patience=c.validation.patience)
+                                   best=self.best, patience=(c.validation.phase1_patience if phase.name == "phase1"
+                                                             else c.validation.patience))
                         if self.phase_index == len(self.phases) - 1:
                             stopped = "early_stop"
                 if stopped == "max_steps":
                     self.save("last.pt")  # mid-epoch state, resumable exactly
                     break
+                if self.budget_spent or (self._budget_out() and self.epoch_in_phase < phase.epochs):
+                    log.record("budget", self.step, phase=phase.name, epoch=self.epoch, elapsed=self._elapsed(),
+                               budget_minutes=c.schedule.budget_minutes)
+                    if self.phase_index == len(self.phases) - 1:
+                        stopped = "budget"
                 if self.phase_index + 1 == len(self.phases):
                     break
                 self._start_phase(self.phase_index + 1, log)
         except TrainingDiverged as err:
-            stopped = "diverged"
-            log.record("diverged", self.step, message=str(err))
+            stopped, error = "diverged", str(err)
+            log.record("diverged", self.step, message=error)
+            raise
+        except BaseException as err:
+            # A crash or an interrupt must not leave a summary that says the run finished.
+            stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
+            error = f"{type(err).__name__}: {err}"
             raise
         finally:
             summary = {"stopped": stopped, "epochs": self.epoch, "steps": self.step, "best": self.best,
-                       "out_dir": str(self.out_dir), "history": self.history}
+                       "out_dir": str(self.out_dir), "budget_minutes": c.schedule.budget_minutes,
+                       "elapsed_seconds": round(self._elapsed(), 3), "images_seen": self.images_seen,
+                       "world_size": self.rt.world, "history": self.history}
+            if error is not None:
+                summary["error"] = error
             if self.rt.is_main:
                 atomic_write_json(self.out_dir / "summary.json", summary)
             log.close()
+        if self.rt.is_main and c.runtime.plots:
+            write_plots(self.out_dir)
         return summary
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove ``.NAME.*.tmp`` files that a killed run's atomic writes left in its folder (rank 0 is the only
+    writer of a run folder, and it calls this before writing anything, so none of them is in use)."""
+    for path in out_dir.glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def write_plots(out_dir: Path) -> None:
+    """The run's PNG plots (``s2m2.plots``); a plotting failure never fails a finished run."""
+    try:
+        from s2m2.plots import plot_run
+        plot_run(out_dir)
+    except Exception as err:  # noqa: BLE001 - plots are a convenience, the checkpoints are the result
+        print(f"s2m2 train: warning: plots not written ({type(err).__name__}: {err})", file=sys.stderr)
 
 
 def _yaml_dump(obj: Any) -> str:

@@ -9,6 +9,12 @@ Parts:
   pipeline  augmented 80x80 training images/s from a prepared uint8 dataset (memory-mapped, 84x84 stored),
             exactly the trainer's path: TrainData.gather (random rows of the epoch permutation) +
             TrainAugment on the device; anonymous RSS sampled over the epoch (flat = no growth).
+  source    (not in the default set) the same with a full-resolution source's training view: T x T
+            views (--train-resolution, default 160) + original sizes, crops sampled in source pixels.
+  crops     (not in the default set) crop sides on real photos (--cub, the CUB sample): our boxes
+            (TrainAugment.sample_sized on the original sizes, then mapped into the T x T view) vs
+            torchvision's RandomResizedCrop(80).get_params on the original PIL image vs the old crops of the
+            92x92 view; quantiles of the side in original pixels and fraction upsampled; disk per image.
   small     training images/s per method, a small backbone (conv4, width 64) at 32x32, batch 64.
   wrn       training images/s per method, WRN-28-10 at 80x80 (batch --wrn-batch, default 4).
   variants  (not in the default set) interleaved S2M2_R steps: fp32, fp32 + channels_last, bf16 autocast,
@@ -51,23 +57,32 @@ def anon_rss_mb() -> float:
     return float("nan")
 
 
-def make_dataset(root: Path, num_images: int, size: int, classes: int = 64) -> Path:
+def make_dataset(root: Path, num_images: int, size: int, classes: int = 64, train_size: int | None = None) -> Path:
+    """A synthetic prepared split; with ``train_size`` also a training view of photos of CUB-like sizes
+    (500 x 300..500, either orientation)."""
     rng = np.random.default_rng(0)
     with PreparedWriter(root, dataset="bench", source="synthetic", source_layout="synthetic", resolution=size,
-                        overwrite=True) as writer:
+                        overwrite=True, train_resolution=train_size) as writer:
         split = writer.begin_split("base", num_images=num_images, height=size, width=size, channels=3,
-                                   class_names=[str(c) for c in range(classes)])
+                                   class_names=[str(c) for c in range(classes)], train_size=train_size)
         for start in range(0, num_images, 1000):
             n = min(1000, num_images - start)
             split.images[start:start + n] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
             split.labels[start:start + n] = np.arange(start, start + n) % classes
+            if train_size:
+                split.train_images[start:start + n] = rng.integers(0, 256, (n, train_size, train_size, 3),
+                                                                   dtype=np.uint8)
+                short = rng.integers(300, 501, n)
+                tall = rng.random(n) < 0.3
+                split.source_sizes[start:start + n] = np.stack([np.where(tall, 500, short),
+                                                                np.where(tall, short, 500)], axis=1)
         writer.end_split("base")
     return root
 
 
 def bench_pipeline(root: Path, batch: int = 64, crop: int = 80) -> dict:
     data = TrainData(root, ["base"])
-    augment = TrainAugment(crop)
+    augment = TrainAugment(crop, source_sized=data.train_view)
     order = epoch_permutation(len(data), 0, 0)
     steps = len(data) // batch
     # warm-up (and page the file in, as in any epoch after the first)
@@ -86,6 +101,53 @@ def bench_pipeline(root: Path, batch: int = 64, crop: int = 80) -> dict:
     return {"images": steps * batch, "seconds": seconds, "images_per_s": steps * batch / seconds,
             "rss_anon_mb": [round(r, 1) for r in rss], "stored": list(data.image_shape), "crop": crop,
             "batch": batch}
+
+
+def crop_sides(cub: Path, train_size: int, stored: int = 92, crop: int = 80, draws: int = 200,
+               seed: int = 0) -> dict:
+    """Crop boxes on the real photos of a CUB folder, ``draws`` per photo, three ways:
+
+    release: torchvision ``RandomResizedCrop(crop).get_params`` on the original PIL image;
+    ours: ``TrainAugment.sample_sized`` on the original (height, width), mapped into the T x T view;
+    old: ``TrainAugment.sample`` on the ``stored`` x ``stored`` squashed image (before the training view).
+    Side = sqrt(box height x width) in original pixels; "upsampled" = the box is narrower or shorter than
+    ``crop`` pixels where it is cut from (the original for the release, the view for ours / old).
+    """
+    from PIL import Image
+    from torchvision import transforms
+
+    paths = sorted((cub / "images").rglob("*.jpg"))
+    sizes = torch.tensor([Image.open(p).size[::-1] for p in paths], dtype=torch.float32)  # (N, 2) (h, w)
+    augment = TrainAugment(crop)
+    torch.manual_seed(seed)
+    release = []
+    for path in paths:
+        image = Image.open(path)
+        for _ in range(draws):
+            _, _, h, w = transforms.RandomResizedCrop.get_params(image, augment.scale, augment.ratio)
+            release.append((h, w, h, w))  # (h, w) in original px, then in the pixels it is cut from
+    g = torch.Generator().manual_seed(seed)
+    many = sizes.repeat_interleave(draws, dim=0)
+    p = augment.sample_sized(many, g)
+    view = torch.stack([p.height * train_size / many[:, 0], p.width * train_size / many[:, 1]], 1)
+    ours = torch.cat([torch.stack([p.height, p.width], 1), view], 1)
+    q = augment.sample(len(many), stored, stored, g)
+    old = torch.stack([q.height * many[:, 0] / stored, q.width * many[:, 1] / stored, q.height, q.width], 1)
+    out = {"photos": len(paths), "draws_per_photo": draws, "train_resolution": train_size,
+           "photo_sizes": {"height_median": float(sizes[:, 0].median()), "width_median": float(sizes[:, 1].median())},
+           "bytes_per_image": {"images.npy": stored * stored * 3,
+                               "train_images.npy + source_sizes.npy": train_size * train_size * 3 + 8}}
+    for name, boxes in (("release", torch.tensor(release, dtype=torch.float32)), ("ours", ours), ("old_92", old)):
+        side = torch.sqrt(boxes[:, 0] * boxes[:, 1])
+        upsampled = (boxes[:, 2:] < crop).any(dim=1).float()
+        scale = torch.maximum(crop / boxes[:, 2], crop / boxes[:, 3])
+        out[name] = {"side_quantiles_original_px": {f"q{int(q * 100)}": round(float(side.quantile(q)), 1)
+                                                    for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+                     "height_mean": round(float(boxes[:, 0].mean()), 1),
+                     "width_mean": round(float(boxes[:, 1].mean()), 1),
+                     "fraction_upsampled": round(float(upsampled.mean()), 4),
+                     "max_upsampling": round(float(scale.max()), 2)}
+    return out
 
 
 def bench_methods(backbone_name: str, kwargs: dict, size: int, crop: int, batch: int, methods, warmup: int,
@@ -191,7 +253,11 @@ def bench_s2m2r_variants(rounds: int = 2, batch: int = 16, classes: int = 64) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=["pipeline", "small", "wrn", "s2m2r"],
-                        choices=["pipeline", "small", "wrn", "s2m2r", "variants"])
+                        choices=["pipeline", "source", "crops", "small", "wrn", "s2m2r", "variants"])
+    parser.add_argument("--train-resolution", type=int, nargs="*", default=[160],
+                        help="training-view side(s) T for the source and crops parts")
+    parser.add_argument("--cub", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+                        / "cub_sample" / "CUB_200_2011", help="CUB_200_2011 folder for the crops part")
     parser.add_argument("--pipeline-images", type=int, default=12800)
     parser.add_argument("--wrn-batch", type=int, default=4)
     parser.add_argument("--wrn-methods", nargs="*", default=list(METHODS))
@@ -216,6 +282,20 @@ def main(argv=None) -> int:
                 print(f"pipeline ({n} thread(s)): {p['images_per_s']:.0f} augmented 80x80 images/s; "
                       f"anon RSS MB {p['rss_anon_mb']}", file=sys.stderr, flush=True)
         torch.set_num_threads(threads)
+    if "source" in args.only:
+        threads = torch.get_num_threads()
+        report["source"] = {}
+        for t in args.train_resolution:
+            with tempfile.TemporaryDirectory() as tmp:
+                root = make_dataset(Path(tmp) / f"bench{t}", args.pipeline_images, 92, train_size=t)
+                for n in sorted({1, threads}):
+                    torch.set_num_threads(n)
+                    p = report["source"][f"T{t}_threads_{n}"] = bench_pipeline(root)
+                    print(f"source-resolution pipeline T={t} ({n} thread(s)): {p['images_per_s']:.0f} augmented "
+                          f"80x80 images/s; anon RSS MB {p['rss_anon_mb']}", file=sys.stderr, flush=True)
+        torch.set_num_threads(threads)
+    if "crops" in args.only:
+        report["crops"] = {f"T{t}": crop_sides(args.cub, t) for t in args.train_resolution}
     if "small" in args.only:
         report["small"] = bench_methods("conv4", {"width": 64}, 32, 32, 64, METHODS, warmup=2, steps=5)
     if "wrn" in args.only:

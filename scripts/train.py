@@ -4,7 +4,8 @@ as a command: ``python scripts/train.py --config configs/mini_imagenet/s2m2_r.ya
 
 import sys
 
-from s2m2.train import main
+from s2m2.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the CLI, so Ctrl-C and errors read exactly as `s2m2 train`'s (one line, exit 130 / 2).
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -35,14 +35,25 @@ def _batch_norm(state: dict[str, torch.Tensor], prefix: str, h: torch.Tensor) ->
                         state[prefix + "weight"], state[prefix + "bias"], training=False, eps=BN_EPS)
 
 
-def release_wrn_features(state: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+def _mix(h: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+    return lam * h + (1.0 - lam) * h[perm]
+
+
+def release_wrn_features(state: dict[str, torch.Tensor], images: torch.Tensor,
+                         mixup: tuple[int, float, torch.Tensor] | None = None) -> torch.Tensor:
     """Eval-mode features of the release's WRN: ``images (B, 3, H, W) -> (B, 64 * widen)``.
 
     conv1 -> three groups (strides 1, 2, 2) of pre-activation blocks -> BN -> ReLU -> global mean.
     A block: ``a = relu(bn1(x))``; ``out = conv2(relu(bn2(conv1(a, stride))))``; the shortcut is
     ``convShortcut(a)`` (1x1, stride) when the block has one, else ``x``; result ``shortcut + out``.
+
+    ``mixup = (k, lam, perm)``: Manifold Mixup as the release's forward does it (spec §4):
+    ``h <- lam * h + (1 - lam) * h[perm]`` on the input images (k = 0) or on the OUTPUT of block group k
+    (k = 1, 2, 3; after group 3 means before the final BN/ReLU/pool).
     """
     state = release_names(state)
+    if mixup is not None and mixup[0] == 0:
+        images = _mix(images, mixup[1], mixup[2])
     h = F.conv2d(images, state["conv1.weight"], stride=1, padding=1)
     for group, group_stride in ((1, 1), (2, 2), (3, 2)):
         count = len({m.group(1) for name in state if (m := re.match(rf"block{group}\.layer\.(\d+)\.", name))})
@@ -58,6 +69,8 @@ def release_wrn_features(state: dict[str, torch.Tensor], images: torch.Tensor) -
             out = F.relu(_batch_norm(state, p + "bn2.", out))
             out = F.conv2d(out, state[p + "conv2.weight"], stride=1, padding=1)
             h = shortcut + out
+        if mixup is not None and mixup[0] == group:
+            h = _mix(h, mixup[1], mixup[2])
     h = F.relu(_batch_norm(state, "bn1.", h))
     return h.mean(dim=(2, 3))
 

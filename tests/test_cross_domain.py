@@ -99,3 +99,20 @@ def test_release_checkpoint_variant_is_reported_as_assumed(cub_prepared, tmp_pat
     assert cli(["cross-domain", "--checkpoint", str(ckpt), "--cub", str(cub_prepared), "--variant", "all100",
                 "--shots", "1", "--queries", "2", "--episodes", "20", "--head", "ncm", "--no-progress"]) == 0
     assert "cross-domain variant: all100 — as stated by --variant" in capsys.readouterr().out
+
+
+def test_ctrl_c_after_extraction_says_the_features_cache_was_kept(make_prepared, tmp_path, capsys, monkeypatch):
+    """Interrupted while the heads run: the (complete, atomically written) features cache stays and the one
+    line says so; no results file."""
+    from s2m2.cli import main as cli
+
+    cub = make_prepared(splits={"novel": 6}, per_class=5, size=16, name="cub")
+    ckpt = tmp_path / "mini.pt"
+    write_checkpoint(ckpt, kwargs={"width": 8}, crop=16, resize=18)
+    feats, out = tmp_path / "cub-novel.pt", tmp_path / "cross.json"
+    monkeypatch.setenv("S2M2_TEST_SIGINT", "heads")
+    assert cli(["cross-domain", "--checkpoint", str(ckpt), "--cub", str(cub), "--shots", "1", "--queries", "2",
+                "--episodes", "10", "--features-out", str(feats), "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err == (f"s2m2 cross-domain: interrupted; kept the features cache {feats}; "
+                                       f"no results written\n")
+    assert load_features(feats)["features"].shape == (30, 8) and not out.exists()

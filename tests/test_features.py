@@ -28,6 +28,19 @@ def write_checkpoint(path, backbone_name="conv4", kwargs=None, train_splits=("ba
     return backbone
 
 
+def write_features(path, classes=6, per_class=12, dim=8, seed=0):
+    """A valid features file (the keys `load_features` checks), class-separable random features."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    feats = torch.rand(classes, dim, generator=gen)[labels] + 0.3 * torch.rand(len(labels), dim, generator=gen)
+    atomic_torch_save({"format": "s2m2-features", "format_version": 1, "cache_key": f"synthetic{seed}",
+                       "features": feats, "labels": labels, "class_names": [f"c{c}" for c in range(classes)],
+                       "dataset": {"name": "synthetic", "split": "novel", "fingerprint": "x", "root": "."},
+                       "transform": {"resize": 18, "crop": 16, "key": "k", "default": True}, "precision": "fp32",
+                       "checkpoint": {"fingerprint": "f"}}, path)
+    return path
+
+
 def test_extract_features_is_eval_mode_batched_and_exact(make_prepared):
     root = make_prepared(splits={"novel": 5}, per_class=9, size=20)
     split = open_split(root, "novel")
@@ -132,3 +145,82 @@ def test_features_and_evaluate_commands_end_to_end(make_prepared, tmp_path, caps
     assert "features file not found" in capsys.readouterr().err
     assert cli(["features", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(root), "--out", str(feats)]) == 2
     assert "none.pt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_precision_choice_reaches_extraction_and_the_cache(make_prepared, tmp_path, capsys):
+    """Issue 9: extraction was always bf16 on CUDA. auto = bf16 on CUDA / fp32 on CPU; fp32 means fp32 even
+    inside a caller's bf16 autocast (the trainer's validator); the precision is recorded and keyed."""
+    from s2m2.cli import main as cli
+    from s2m2.features import resolve_precision
+
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp64", "cpu")
+    root = make_prepared(splits={"novel": 5}, per_class=4, size=16)
+    split = open_split(root, "novel")
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", width=8)
+    transform = EvalTransform(18, 16)
+    fp32, _ = extract_features(backbone, split, transform, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer's validator calls it
+        inside, _ = extract_features(backbone, split, transform, progress=False, precision="fp32")
+        default, _ = extract_features(backbone, split, transform, progress=False)  # positional API unchanged
+    bf16, _ = extract_features(backbone, split, transform, progress=False, precision="bf16")
+    assert torch.equal(inside, fp32)
+    assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, rtol=0.05, atol=0.05)
+    assert default.shape == fp32.shape
+
+    ckpt = tmp_path / "model.pt"
+    write_checkpoint(ckpt, kwargs={"width": 8})
+    out = tmp_path / "novel.pt"
+    base = ["features", "--checkpoint", str(ckpt), "--data", str(root), "--out", str(out), "--no-progress"]
+    assert cli(base) == 0
+    first = load_features(out)
+    assert first["precision"] == "fp32"  # auto on CPU
+    assert cli(base + ["--precision", "bf16"]) == 0
+    second = load_features(out)
+    assert second["precision"] == "bf16" and second["cache_key"] != first["cache_key"]
+    assert "recomputing" in capsys.readouterr().out
+
+
+def test_evaluate_warns_and_records_unconverged_logreg_episodes(tmp_path, capsys):
+    """Issue 9: logreg stopping at --max-iter is counted, warned about on stderr and kept in the JSON."""
+    from s2m2.cli import main as cli
+
+    feats = write_features(tmp_path / "feats.pt", classes=6, per_class=12, dim=8)
+    out = tmp_path / "r.json"
+    args = ["evaluate", "--features", str(feats), "--shots", "1", "5", "--queries", "4", "--episodes", "30",
+            "--no-progress", "--out", str(out)]
+    assert cli(args + ["--max-iter", "1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: logreg: ") for line in err)
+    assert "of 30 5-way 1-shot episodes stopped at --max-iter 1 without converging" in err[0]
+    record = json.loads(out.read_text())
+    counts = [r["info"]["not_converged"] for r in record["results"]]
+    assert all(count > 0 for count in counts) and f"warning: logreg: {counts[0]} of 30" in err[0]
+    assert record["warnings"] == err
+    assert cli(args) == 0  # the default cap: converged, silent
+    assert capsys.readouterr().err == ""
+    assert [r["info"]["not_converged"] for r in json.loads(out.read_text())["results"]] == [0, 0]
+
+
+def test_heads_use_one_thread_by_default_and_restore(tmp_path, capsys):
+    """Issue 10: on a loaded 2-core machine 2 threads made the heads 4-19x slower (docs/evaluation.md)."""
+    from s2m2.cli import main as cli
+    from s2m2.evaluate import DEFAULT_HEAD_THREADS, head_threads
+
+    before = torch.get_num_threads()
+    with head_threads(None, "cpu") as threads:
+        assert threads == DEFAULT_HEAD_THREADS == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with head_threads(3, "cpu") as threads:
+        assert threads == 3 == torch.get_num_threads()
+    feats = write_features(tmp_path / "feats.pt")
+    out = tmp_path / "r.json"
+    assert cli(["evaluate", "--features", str(feats), "--queries", "4", "--episodes", "10", "--no-progress",
+                "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["threads"] == 1 and "1 thread(s) on cpu" in capsys.readouterr().out
+    assert record["features"]["precision"] == "fp32"  # the features' provenance reaches the record
+    assert torch.get_num_threads() == before

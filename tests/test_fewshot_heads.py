@@ -76,6 +76,20 @@ def test_logreg_matches_sklearn_on_synthetic_features(shots, C):
     assert 0.3 < float(ours.mean()) < 0.99  # a regime where mistakes happen, so agreement means something
 
 
+def test_logreg_with_more_support_points_than_dimensions_matches_sklearn():
+    # 20-way 5-shot on 64-d features (Conv-4 on Omniglot): 100 support points span at most 64 dimensions,
+    # so the support Gram matrix is singular; the fit must fall back to the feature space's own basis.
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(40, 64, generator=g)
+    labels = torch.arange(40).repeat_interleave(20)
+    feats = centers[labels] + 1.5 * torch.randn(len(labels), 64, generator=g)
+    eps = sample_episodes(labels, ways=20, shots=5, queries=5, episodes=10, seed=2)
+    ours = evaluate_episodes(feats, labels, eps, "logreg", C=1.0, max_iter=100)
+    ref = sklearn_reference(feats, labels, eps, 1.0)
+    assert (ours - ref).abs().max() <= 2 / 100 + 1e-6
+    assert 0.3 < float(ours.mean()) < 0.99
+
+
 @pytest.fixture(scope="module")
 def cifar_features(tmp_path_factory):
     """Features of 1,200 real CIFAR-100 test images (20 classes x 60) through a randomly initialised Conv-4.
@@ -285,3 +299,29 @@ def test_evaluate_errors_are_clear():
         evaluate_episodes(feats, labels, eps, "logreg", lr=0.1)
     with pytest.raises(ValueError, match="episodes index rows beyond the features"):
         evaluate_episodes(feats[:100], labels[:100], eps, "ncm")
+
+
+def test_logreg_reports_episodes_stopped_at_the_iteration_cap():
+    """Issue 9: stopping at max_iter must not be silent. One Newton step never reaches tol=1e-6 here."""
+    feats, labels = synthetic_features(dim=48)
+    eps = sample_episodes(labels, ways=5, shots=5, queries=15, episodes=20, seed=0)
+    support = feats[eps.support.reshape(20, -1)]
+    _, capped = fit_logreg(support, ways=5, C=0.7, max_iter=1)
+    assert capped["iterations"] == 1 and capped["not_converged"] == 20 and capped["max_grad"] > 1e-3
+    _, full = fit_logreg(support, ways=5, C=0.7)
+    assert full["not_converged"] == 0
+    # Summed over chunks by the driver (chunks of ~4 episodes here).
+    out = evaluate_episodes_detailed(feats, labels, eps, "logreg", max_iter=1, max_chunk_bytes=3 * 2**20)
+    assert out.info["chunks"] > 1 and out.info["not_converged"] == 20
+
+
+def test_heads_refuse_meaningless_options():
+    """C=0 and max_iter=0 gave exactly chance and cosine epochs=0 a traceback (issue 10): clear errors."""
+    feats, labels = synthetic_features()
+    eps = sample_episodes(labels, 5, 1, 5, 10, 0)
+    with pytest.raises(ValueError, match="C must be a finite number > 0, got 0"):
+        evaluate_episodes(feats, labels, eps, "logreg", C=0.0)
+    with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
+        evaluate_episodes(feats, labels, eps, "logreg", max_iter=0)
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        evaluate_episodes(feats, labels, eps, "cosine", epochs=0)

@@ -16,7 +16,7 @@ from s2m2.models.heads import CosineClassifier, LinearClassifier, RotationHead, 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import shared_path  # noqa: E402
-from release_reference import parse_tsv  # noqa: E402
+from release_reference import parse_tsv, random_release_state, release_wrn_entries, release_wrn_features  # noqa: E402
 
 # (name, kwargs, feature_dim); small widths keep the suite fast where the architecture allows it.
 BACKBONES = [
@@ -242,3 +242,78 @@ def test_linear_and_rotation_heads():
         create_head("arcface", 6, 5)
     with pytest.raises(ValueError, match="4 outputs"):
         create_head("rotation", 6, 10)
+
+
+# ----------------------------------------------------------------- mixing points against references
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_wrn_mixup_point_matches_the_reference_forward(layer):
+    """Mixing point k mixes the OUTPUT of block group k (spec §4), as the independent functional forward
+    of tests/release_reference.py does; mixing before a group instead changes the features."""
+    from s2m2.checkpoint import checkpoint_filter_fn
+
+    state = random_release_state(release_wrn_entries(10, 2, num_classes=None), seed=11)
+    model = create_backbone("wrn", depth=10, widen=2).eval()
+    model.load_state_dict(checkpoint_filter_fn(state))
+    g = torch.Generator().manual_seed(layer)
+    x = torch.randn(5, 3, 20, 20, generator=g)
+    perm = torch.tensor([2, 4, 0, 1, 3])
+    with torch.no_grad():
+        ours = model(x, MixSpec(layer, 0.3, perm))
+        reference = release_wrn_features(state, x, mixup=(layer, 0.3, perm))
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+        if layer > 0:  # mixing one group earlier (= before group k) is a different network function
+            earlier = release_wrn_features(state, x, mixup=(layer - 1, 0.3, perm))
+            assert (ours - earlier).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,kwargs", [("conv4", {"width": 8}), ("resnet12", {"widths": (8, 8, 8, 8)}),
+                                         ("resnet18", {"widths": (8, 8, 8, 8)})])
+def test_mixup_point_k_mixes_after_stage_k(name, kwargs):
+    """Every backbone: point k = the stem's output run through stages 1..k, then mixed, then the rest."""
+    model = _build(name, kwargs)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    perm = torch.tensor([1, 3, 0, 2])
+    with torch.no_grad():
+        for layer in range(model.num_mix_points):
+            h = 0.4 * x + 0.6 * x[perm] if layer == 0 else x
+            h = model.stem(h)
+            for index, stage in enumerate(model.stages, start=1):
+                h = stage(h)
+                if index == layer:
+                    h = 0.4 * h + 0.6 * h[perm]
+            expected = model.tail(h)
+            torch.testing.assert_close(model(x, MixSpec(layer, 0.4, perm)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_head_spec_and_flatten_errors_name_what_they_got():
+    with pytest.raises(TypeError, match="not one of our heads: Linear"):
+        head_spec(nn.Linear(2, 2))
+    flat = create_backbone("conv4", pool="flatten", input_size=84).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"built for 5x5 final maps, got \(2, 2\)"):
+        flat(torch.randn(1, 3, 32, 32))
+
+
+def test_wrn_defaults_and_argument_errors():
+    from s2m2.models.wrn import WideResNet
+
+    assert WideResNet(depth=10, widen=1).dropout == 0.5  # the release's value at HEAD (spec §2)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        create_backbone("wrn", depth=10, widen=1, dropout=1.0)
+    model = create_backbone("wrn", depth=10, widen=1).eval()
+    with pytest.raises(ValueError, match=r"mixup layer 4 outside 0\.\.3"):
+        model(torch.randn(2, 3, 8, 8), MixSpec(4, 0.5, torch.tensor([1, 0])))
+
+
+def test_head_initialisation_matches_nn_linear_and_the_release():
+    """distLinear's v starts as nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) -- 128,000 draws reach
+    within 1 % of the bound; the Baseline's linear head starts with a zero bias (the release)."""
+    torch.manual_seed(0)
+    v = CosineClassifier(640, 200).weight_v.detach()
+    bound = 1 / math.sqrt(640)
+    assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound
+    assert abs(float(v.std()) - bound / math.sqrt(3)) < 0.01 * bound  # the uniform's sd
+    assert torch.equal(create_head("linear", 6, 5).bias, torch.zeros(5))
+    with pytest.raises(TypeError, match=r"unexpected arguments for the rotation head: \['scale'\]"):
+        create_head("rotation", 6, scale=2.0)

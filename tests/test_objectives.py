@@ -109,11 +109,11 @@ def test_exemplar_loss_positive_with_gradient_when_negatives_are_closer():
     assert torch.isfinite(f.grad).all()
 
 
-def _ctx(model, backward=None, **kw):
+def _ctx(model, backward=None, transform=None, **kw):
     g = torch.Generator().manual_seed(0)
     aug = TrainAugment(crop_size=16)
-    return StepContext(model=model, num_mix_points=model.backbone.num_mix_points, transform=aug, view_augment=aug,
-                       generator=g, backward=backward or (lambda loss: loss.backward()), **kw)
+    return StepContext(model=model, num_mix_points=model.backbone.num_mix_points, transform=transform or aug,
+                       view_augment=aug, generator=g, backward=backward or (lambda loss: loss.backward()), **kw)
 
 
 def _model(ss=True, classes=5):
@@ -162,3 +162,278 @@ def test_rotation_step_uses_4b_images_with_class_labels_kept():
                               torch.arange(6) % 5)
     assert seen == [24] and stats.count == 24
     torch.testing.assert_close(stats.loss, 0.5 * stats.terms["ce_class"] + 0.5 * stats.terms["ce_rot"])
+
+
+# ------------------------------------------------------------------ hand-computed losses of the steps
+# A deterministic "augmentation" (uint8 -> float, no randomness) makes every backbone input traceable to
+# a stored image, so the label each input is scored against can be recovered from the pixels alone.
+
+
+def _plain_transform(images, generator):
+    return images.permute(0, 3, 1, 2).float() / 255.0
+
+
+def _distinct_images(batch, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8)
+
+
+def _ce_by_hand(logits, targets):
+    """Mean cross-entropy written out: -log softmax(logits)[target], one row at a time."""
+    rows = [-(logits[r, int(t)] - torch.logsumexp(logits[r], 0)) for r, t in enumerate(targets)]
+    return torch.stack(rows).mean()
+
+
+def _identify(inputs, x):
+    """For each row of ``inputs``: (image index i, quarter turns k) with inputs[r] == rot90(x[i], k)."""
+    out = []
+    for row in inputs:
+        hits = [(i, k) for i in range(len(x)) for k in range(4) if torch.equal(row, torch.rot90(x[i], k, dims=(1, 2)))]
+        assert len(hits) == 1, "every rotated input is exactly one image turned by one multiple of 90 degrees"
+        out.append(hits[0])
+    return out
+
+
+def _recording_model(ss=True, classes=5):
+    model = _model(ss=ss, classes=classes)
+    inputs = []
+    model.backbone.register_forward_hook(lambda m, inp, out: inputs.append(inp[0].detach().clone()))
+    return model, inputs
+
+
+def _forward_by_hand(model, x, spec=None):
+    """backbone -> classifier / rotation head, called directly (not through TrainModel.forward)."""
+    with torch.no_grad():  # train-mode BN on the same batch gives the same outputs as in the step
+        features = model.backbone(x, spec)
+        return features, model.classifier(features), (model.ss_head(features) if model.ss_head else None)
+
+
+def _rotation_terms_by_hand(model, x4, identities, labels):
+    """0.5 * CE(class logits, label of the source image) + 0.5 * CE(rotation logits, quarter turns)."""
+    _, logits, rot_logits = _forward_by_hand(model, x4)
+    ce_class = _ce_by_hand(logits, [labels[i] for i, _ in identities])
+    ce_rot = _ce_by_hand(rot_logits, [k for _, k in identities])
+    return ce_class, ce_rot
+
+
+def test_rotation_step_pairs_every_rotated_copy_with_its_own_class_label():
+    """Spec §5: each of the 4B rotated copies keeps the class label of the image it was made from and is
+    scored against the rotation it received; both CE terms recomputed by hand from the inputs' pixels."""
+    model, inputs = _recording_model()
+    images = _distinct_images(6)
+    labels = torch.tensor([0, 1, 2, 3, 4, 1])  # not periodic in 4, so no layout mix-up can pass by luck
+    ctx = _ctx(model, transform=_plain_transform)
+    stats = STEPS["rotation"](ctx, images, labels)
+    (x4,) = inputs
+    identities = _identify(x4, _plain_transform(images, None))
+    assert sorted(identities) == [(i, k) for i in range(6) for k in range(4)]  # every image at every rotation
+    ce_class, ce_rot = _rotation_terms_by_hand(model, x4, identities, labels.tolist())
+    torch.testing.assert_close(stats.terms["ce_class"], ce_class, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.terms["ce_rot"], ce_rot, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.loss, 0.5 * ce_class + 0.5 * ce_rot, rtol=1e-5, atol=1e-6)
+
+
+def test_rotate_batch_labels_are_the_quarter_turns_applied():
+    x = torch.randn(5, 3, 6, 6)
+    x4, rot = rotate_batch(x)
+    identities = _identify(x4, x)
+    assert rot.tolist() == [k for _, k in identities]
+
+
+@pytest.mark.parametrize("batch", [3, 8, 12])
+def test_s2m2_r_rotation_term_uses_a_random_quarter_of_the_unmixed_batch(batch, monkeypatch):
+    """Spec §5 phase 2: the mixup pass sees the B augmented images, then max(1, B // 4) of those same
+    (un-mixed) images -- a random subset, not the whole batch -- are expanded to 4 rotations and give
+    0.5 * (CE_class + CE_rot) with each copy's own labels. Losses recomputed by hand."""
+    import s2m2.objectives as objectives
+
+    spec = MixSpec(layer=2, lam=0.3, perm=torch.roll(torch.arange(batch), 1))
+    monkeypatch.setattr(objectives, "sample_mix", lambda *args, **kwargs: spec)
+    model, inputs = _recording_model()
+    images = _distinct_images(batch, seed=batch)
+    labels = torch.arange(batch) % 5
+    ctx = _ctx(model, transform=_plain_transform)
+    stats = STEPS["s2m2_r"](ctx, images, labels)
+    x = _plain_transform(images, None)
+    assert len(inputs) == 2
+    mixed_input, rotated = inputs
+    assert torch.equal(mixed_input, x)  # the backbone mixes inside; its input is the augmented batch
+    subset = max(1, batch // 4)
+    assert rotated.shape[0] == 4 * subset
+    identities = _identify(rotated, x)
+    sources = sorted({i for i, _ in identities})
+    assert len(sources) == subset and sorted(identities) == [(i, k) for i in sources for k in range(4)]
+    # the mixup term, by hand: lam * CE(y) + (1 - lam) * CE(y[perm]) on logits of the mixed forward
+    _, logits, _ = _forward_by_hand(model, x, spec)
+    mixup = 0.3 * _ce_by_hand(logits, labels.tolist()) + 0.7 * _ce_by_hand(logits, labels[spec.perm].tolist())
+    torch.testing.assert_close(stats.terms["mixup"], mixup, rtol=1e-5, atol=1e-6)
+    ce_class, ce_rot = _rotation_terms_by_hand(model, rotated, identities, labels.tolist())
+    torch.testing.assert_close(stats.terms["ce_class"], ce_class, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.terms["ce_rot"], ce_rot, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.loss, mixup + 0.5 * ce_class + 0.5 * ce_rot, rtol=1e-5, atol=1e-6)
+    pred = logits.argmax(1)  # soft accuracy of the mixup pass
+    correct = (0.3 * (pred == labels).float() + 0.7 * (pred == labels[spec.perm]).float()).sum()
+    torch.testing.assert_close(torch.as_tensor(stats.correct, dtype=torch.float32), correct)
+    assert stats.count == batch
+
+
+def test_s2m2_subset_is_random_across_steps():
+    """The B/4 subset is drawn at random (seeded), not always the first images of the batch."""
+    model, inputs = _recording_model()
+    images = _distinct_images(8, seed=1)
+    x = _plain_transform(images, None)
+    chosen = set()
+    for seed in range(6):
+        inputs.clear()
+        ctx = _ctx(model, transform=_plain_transform)
+        ctx.generator.manual_seed(seed)
+        STEPS["s2m2_r"](ctx, images, torch.arange(8) % 5)
+        chosen.add(tuple(sorted({i for i, _ in _identify(inputs[1], x)})))
+    assert len(chosen) > 1 and all(len(c) == 2 for c in chosen)
+
+
+def test_s2m2_e_exemplar_term_uses_a_quarter_of_the_batch():
+    model, inputs = _recording_model(ss=False)
+    images = _distinct_images(12, seed=2)
+    stats = STEPS["s2m2_e"](_ctx(model), images, torch.arange(12) % 5)
+    assert [len(i) for i in inputs] == [12, 4 * 3]  # mixup on B, then 4 views of B // 4 images
+    assert set(stats.terms) == {"mixup", "ce_class", "exemplar"}
+
+
+def test_manifold_mixup_step_loss_by_hand(monkeypatch):
+    """One mixing point, one lam and one permutation per batch; lam * CE(y) + (1 - lam) * CE(y[perm])."""
+    import s2m2.objectives as objectives
+
+    spec = MixSpec(layer=1, lam=0.7, perm=torch.tensor([3, 2, 5, 0, 1, 4]))
+    monkeypatch.setattr(objectives, "sample_mix", lambda *args, **kwargs: spec)
+    model, inputs = _recording_model(ss=False)
+    images = _distinct_images(6, seed=3)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    stats = STEPS["manifold_mixup"](_ctx(model, transform=_plain_transform), images, labels)
+    assert set(stats.terms) == {"mixup"} and torch.equal(stats.terms["mixup"], stats.loss)
+    _, logits, _ = _forward_by_hand(model, _plain_transform(images, None), spec)
+    expected = 0.7 * _ce_by_hand(logits, labels.tolist()) + 0.3 * _ce_by_hand(logits, labels[spec.perm].tolist())
+    torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
+    pred = logits.argmax(1)
+    correct = (0.7 * (pred == labels).float() + 0.3 * (pred == labels[spec.perm]).float()).sum()
+    torch.testing.assert_close(torch.as_tensor(stats.correct, dtype=torch.float32), correct)
+    assert stats.count == 6
+
+
+def test_mixup_draw_uses_the_configured_alpha_and_every_point(monkeypatch):
+    """The step asks for lam ~ Beta(ctx.mixup_alpha) over all ctx.num_mix_points points, one batch-sized perm."""
+    import s2m2.objectives as objectives
+
+    calls = []
+    real = objectives.sample_mix
+
+    def spy(num_points, batch, alpha, generator, device="cpu"):
+        calls.append((num_points, batch, alpha))
+        return real(num_points, batch, alpha, generator, device)
+
+    monkeypatch.setattr(objectives, "sample_mix", spy)
+    model = _model()
+    STEPS["s2m2_r"](_ctx(model, mixup_alpha=2.0), _distinct_images(8), torch.arange(8) % 5)
+    assert calls == [(model.backbone.num_mix_points, 8, 2.0)]
+
+
+def test_classification_step_is_plain_cross_entropy():
+    model, inputs = _recording_model(ss=False)
+    images = _distinct_images(5, seed=4)
+    labels = torch.tensor([4, 3, 2, 1, 0])
+    stats = STEPS["baseline++"](_ctx(model, transform=_plain_transform), images, labels)
+    _, logits, _ = _forward_by_hand(model, inputs[0])
+    torch.testing.assert_close(stats.loss, _ce_by_hand(logits, labels.tolist()), rtol=1e-5, atol=1e-6)
+    assert set(stats.terms) == {"ce"} and torch.equal(stats.terms["ce"], stats.loss)
+    assert float(stats.correct) == float((logits.argmax(1) == labels).sum()) and stats.count == 5
+
+
+def test_exemplar_step_weights_and_views():
+    """(1 - w) * CE_class over all V views (each with its image's label) + w * L_exemplar (Eq. 14)."""
+    model, inputs = _recording_model(ss=False)
+    images = _distinct_images(4, seed=5)
+    labels = torch.tensor([1, 0, 3, 2])
+    stats = STEPS["exemplar"](_ctx(model, ss_weight=0.25), images, labels)
+    (views,) = inputs
+    assert views.shape[0] == 16 and stats.count == 16
+    assert set(stats.terms) == {"ce_class", "exemplar"}
+    features, logits, _ = _forward_by_hand(model, views)
+    assert float(stats.correct) == float((logits.argmax(1) == labels.repeat(4)).sum())
+    ce = _ce_by_hand(logits, labels.repeat(4).tolist())
+    ex = _brute_exemplar(features.view(4, 4, -1))
+    torch.testing.assert_close(stats.terms["ce_class"], ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.terms["exemplar"], ex, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.loss, 0.75 * ce + 0.25 * ex, rtol=1e-4, atol=1e-5)
+
+
+def test_rotation_step_reports_the_accuracy_over_all_rotated_copies():
+    model, inputs = _recording_model()
+    images = _distinct_images(4, seed=6)
+    labels = torch.tensor([3, 1, 4, 0])
+    stats = STEPS["rotation"](_ctx(model, transform=_plain_transform), images, labels)
+    (x4,) = inputs
+    identities = _identify(x4, _plain_transform(images, None))
+    _, logits, _ = _forward_by_hand(model, x4)
+    assert float(stats.correct) == float(sum(int(logits[r].argmax()) == int(labels[i]) for r, (i, _) in enumerate(identities)))
+    assert set(stats.terms) == {"ce_class", "ce_rot"}
+
+
+def test_train_model_returns_self_supervised_logits_only_when_asked():
+    model = _model()
+    x = torch.randn(2, 3, 16, 16)
+    features, logits, ss_logits = model(x)
+    assert ss_logits is None and features.shape == (2, 8) and logits.shape == (2, 5)
+    assert model(x, ss=True)[2].shape == (2, 4)
+    assert _model(ss=False)(x, ss=True)[2] is None
+    with pytest.raises(RuntimeError, match="rotation head"):
+        STEPS["rotation"](_ctx(_model(ss=False)), _distinct_images(2), torch.tensor([0, 1]))
+
+
+def test_rotate_batch_refuses_non_square_images():
+    with pytest.raises(ValueError, match=r"square images, got \(5, 6\)"):
+        rotate_batch(torch.zeros(2, 3, 5, 6))
+
+
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_every_step_draws_only_from_the_context_generator(method):
+    """Same ctx.generator seed -> the same loss, whatever the global RNG does (reproducible, resumable runs)."""
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = _model(ss=method in ("rotation", "s2m2_r"))
+        torch.manual_seed(100 + global_seed)  # any draw from the global RNG would now differ
+        stats = STEPS[method](_ctx(model), _distinct_images(8, seed=7), torch.arange(8) % 5)
+        results.append(float(stats.loss))
+    assert results[0] == results[1]
+
+
+def test_sample_mix_is_a_function_of_the_generator_only():
+    draws = []
+    for global_seed in (3, 4):
+        torch.manual_seed(global_seed)
+        spec = sample_mix(4, 16, 2.0, torch.Generator().manual_seed(9))
+        draws.append((spec.layer, spec.lam, spec.perm.tolist()))
+    assert draws[0] == draws[1]
+    torch.manual_seed(5)
+    a = sample_beta(2.0, torch.Generator().manual_seed(1))
+    torch.manual_seed(6)
+    assert sample_beta(2.0, torch.Generator().manual_seed(1)) == a
+
+
+def test_step_context_prepare_switches_memory_format():
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    assert _ctx(model).prepare(x) is x
+    prepared = _ctx(model, channels_last=True).prepare(x)
+    assert prepared.is_contiguous(memory_format=torch.channels_last) and torch.equal(prepared, x)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_exemplar_loss_small_batches_and_small_distances(batch):
+    """B = 1 has no negatives: 0 with a graph. B >= 2 (and distances below 1) follow Eq. 14 exactly."""
+    f = (0.05 * torch.randn(4, batch, 6, generator=torch.Generator().manual_seed(batch))).requires_grad_(True)
+    loss = exemplar_loss(f)
+    if batch == 1:
+        assert float(loss.detach()) == 0.0 and loss.requires_grad
+    else:
+        torch.testing.assert_close(loss, _brute_exemplar(f.detach()), atol=1e-6, rtol=1e-5)

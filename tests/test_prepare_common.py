@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from data_prep import cli
-from data_prep.common import (DecodeSpec, ImageItem, PrepareError, check_not_html, decode_image, decode_into,
-                              iter_tar_files, load_pickle, open_tar, open_zip, to_mode)
+from data_prep.common import (DEFAULT_TRAIN_RESOLUTION, DecodeSpec, ImageItem, PrepareError, check_not_html,
+                              decode_image, decode_into, iter_tar_files, load_pickle, open_tar, open_zip, to_mode,
+                              train_size_for)
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>Google Drive - Virus scan warning</title></head></html>"
 
@@ -99,6 +100,50 @@ def test_decode_into_is_independent_of_workers_and_order(always_pool):
     np.testing.assert_array_equal(serial[37], expected)
 
 
+def test_training_view_is_decoded_alongside_in_the_pool_and_in_process(always_pool, tmp_path):
+    """The training view (T x T) and original sizes come from the same decode, written by the workers into
+    the memory-mapped files or by this process, identically; the stored view is unchanged."""
+    from s2m2.data import PreparedWriter, open_split
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8)
+              for h, w in rng.integers(5, 30, (40, 2))]
+    items = [ImageItem(i, i % 2, f"img{i}", encode(Image.fromarray(a))) for i, a in enumerate(arrays)]
+    spec = DecodeSpec(8, 3, train_size=12)
+    with PreparedWriter(tmp_path / "p", dataset="t", source="t", source_layout="t", resolution=8,
+                        train_resolution=12) as writer:
+        out = writer.begin_split("base", num_images=40, height=8, width=8, channels=3, class_names=["a", "b"],
+                                 train_size=12)
+        decode_into(out.images, reversed(items), 40, spec, workers=2, desc="t", batch_size=3,
+                    train_images=out.train_images, source_sizes=out.source_sizes)
+        out.labels[:] = np.arange(40) % 2
+        writer.end_split("base")
+    pooled = open_split(tmp_path / "p", "base")
+    images, train, sizes = (np.zeros((40, 8, 8, 3), np.uint8), np.zeros((40, 12, 12, 3), np.uint8),
+                            np.zeros((40, 2), np.int32))
+    decode_into(images, items, 40, spec, workers=1, desc="t", train_images=train, source_sizes=sizes)
+    np.testing.assert_array_equal(pooled.images, images)
+    np.testing.assert_array_equal(pooled.train_images, train)
+    np.testing.assert_array_equal(pooled.source_sizes, sizes)
+    assert sizes.tolist() == [list(a.shape[:2]) for a in arrays]
+    for i in (0, 17):
+        for size, got in ((8, images[i]), (12, train[i])):
+            np.testing.assert_array_equal(got, np.asarray(Image.fromarray(arrays[i]).resize(
+                (size, size), Image.Resampling.BILINEAR)))
+    with pytest.raises(ValueError, match="train_size"):
+        decode_into(images, items, 40, spec, workers=1, desc="t")
+
+
+def test_train_resolution_rules():
+    assert train_size_for(True, None) == DEFAULT_TRAIN_RESOLUTION == 160
+    assert train_size_for(False, None) is None and train_size_for(True, 0) is None
+    assert train_size_for(True, 224) == 224
+    with pytest.raises(PrepareError, match="--train-resolution 5: expected 0"):
+        train_size_for(True, 5)
+    with pytest.raises(PrepareError, match="--train-resolution 96: this source is pre-shrunk"):
+        train_size_for(False, 96)
+
+
 def test_worker_error_propagates_with_the_name(always_pool):
     good = encode(Image.new("RGB", (4, 4)))
     items = [ImageItem(i, 0, f"ok{i}", good) for i in range(20)] + [ImageItem(20, 0, "bad-member.png", b"xx")]
@@ -162,10 +207,10 @@ def test_cli_help_lists_every_dataset(capsys):
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
-    assert cli.main(["cub", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["cub", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope: no such file or folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert cli.main(["omniglot", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["omniglot", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no Omniglot source found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -173,7 +218,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 def test_module_entry_point_fixes_the_dataset(tmp_path, capsys):
     from data_prep import omniglot
 
-    assert omniglot.main(["--source", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert omniglot.main(["--source", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no Omniglot source found" in capsys.readouterr().err
 
 

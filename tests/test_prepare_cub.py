@@ -51,6 +51,8 @@ def test_sample_classes_land_in_closerlook_splits(cub_sample):
         assert len(split) == 3 * split.num_classes and split.image_shape == (92, 92, 3)
     meta = load_meta(out)
     assert meta["resolution"] == 92 and meta["splits"]["base"]["expected_images"] == 5885
+    assert meta["format_version"] == 2 and meta["train_resolution"] == 160  # + the training view
+    assert base.train_images.shape == (75, 160, 160, 3) and base.source_sizes.shape == (75, 2)
     assert all("subset" in w for w in meta["warnings"]) and len(meta["warnings"]) == 3
 
 
@@ -79,14 +81,21 @@ def make_cub(root, classes=ALL_CLASSES[:6], per_class=2):
     (cub / "images").mkdir(parents=True)
     (cub / "classes.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(ALL_CLASSES)))
     rng = np.random.default_rng(0)
+    listed = []
     for c, name in enumerate(classes):
         (cub / "images" / name).mkdir()
         for i in range(per_class):
             rgb = Image.fromarray(rng.integers(0, 256, (30 + c, 40, 3), dtype=np.uint8))
             image = rgb.convert("L") if (c, i) == (0, 1) else rgb.convert("CMYK") if (c, i) == (1, 0) else rgb
-            (cub / "images" / name / f"{name.split('.')[1]}_{i:04d}_{c}.jpg").write_bytes(jpeg(image))
+            listed.append(f"{name}/{name.split('.')[1]}_{i:04d}_{c}.jpg")
+            (cub / "images" / listed[-1]).write_bytes(jpeg(image))
+    write_images_txt(cub, listed[::-1])  # any order: the list decides which files, not their order
     (cub / "attributes").mkdir()
     return cub
+
+
+def write_images_txt(cub, listed):
+    (cub / "images.txt").write_text("".join(f"{i + 1} {rel}\n" for i, rel in enumerate(listed)))
 
 
 def make_tgz(cub, path):
@@ -108,6 +117,8 @@ def test_tgz_equals_folder(tmp_path, monkeypatch):
         assert a.class_ids == b.class_ids and a.image_shape == (48, 48, 3)
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.train_images, b.train_images)  # written by the workers for the tgz
+        np.testing.assert_array_equal(a.source_sizes, b.source_sizes)
     assert open_split(tmp_path / "tgz", "base").class_ids == [ALL_CLASSES[0], ALL_CLASSES[2], ALL_CLASSES[4]]
 
 
@@ -125,9 +136,13 @@ def test_bad_cub_inputs(tmp_path):
     with pytest.raises(PrepareError, match="cut.tgz: the archive is truncated"):
         run("cub", cut, tmp_path / "out")
     (cub / "images" / "201.Dodo").mkdir()
+    shutil.copy(victim, cub / "images" / "201.Dodo" / "dodo.jpg")
+    listed = (cub / "images.txt").read_text()
+    (cub / "images.txt").write_text(listed + "9999 201.Dodo/dodo.jpg\n")
     with pytest.raises(PrepareError, match="1 classes are not in the split definition.*201.Dodo"):
         run("cub", cub, tmp_path / "out")
     shutil.rmtree(cub / "images" / "201.Dodo")
+    (cub / "images.txt").write_text(listed)
     (cub / "classes.txt").write_text("1 001.Black_footed_Albatross\n")
     with pytest.raises(PrepareError, match="classes.txt: lists 1 classes that do not match"):
         run("cub", cub, tmp_path / "out")

@@ -52,6 +52,8 @@ def test_sample_prepares_with_ravi_class_assignment(mini_sample):
     source, out = mini_sample
     meta = load_meta(out)
     assert meta["source_layout"] == "ravi" and meta["resolution"] == 84
+    assert meta["train_resolution"] is None  # 84 px at source: images.npy is all there is, no training view
+    assert not (out / "base" / "train_images.npy").exists() and open_split(out, "base").train_images is None
     for split, csv_name, n_classes in (("base", "train", 64), ("val", "val", 16), ("novel", "test", 20)):
         data = open_split(out, split)
         assert data.num_classes == n_classes and len(data) == 8 * n_classes
@@ -146,6 +148,7 @@ def test_pickles_prepare_in_sorted_class_order(tmp_path):
     with pytest.warns(UserWarning, match="subset"):
         run("mini-imagenet", tmp_path / "mini-imagenet-cache-train.pkl", tmp_path / "out")
     assert load_meta(tmp_path / "out")["source_layout"] == "pickle"
+    assert load_meta(tmp_path / "out")["train_resolution"] is None
     for split, (wnids, images) in expected.items():
         data = open_split(tmp_path / "out", split)
         assert data.class_ids == wnids
@@ -215,13 +218,25 @@ def test_ilsvrc_tree_uses_the_index_rule(tmp_path, ilsvrc_tree):
     with pytest.warns(UserWarning, match="subset"):
         run("mini-imagenet", root.parent, tmp_path / "out", workers=2)
     meta = load_meta(tmp_path / "out")
-    assert meta["source_layout"] == "ilsvrc" and meta["resolution"] == 92
+    assert meta["source_layout"] == "ilsvrc" and meta["resolution"] == 92 and meta["train_resolution"] == 160
     for split, (wnid, numbers) in chosen.items():
         data = open_split(tmp_path / "out", split)
         assert data.class_ids == [wnid] and len(data) == 600 and data.image_shape == (92, 92, 3)
         wanted = [int(numbers[int(r[9:17]) - 1]) for r in rows_of(split, wnid)]
         got = [decoded_number(data.images[i]) for i in range(len(data))]
         assert got == wanted
+        # the training view of the same photos, and their original sizes
+        assert data.train_images.shape == (600, 160, 160, 3)
+        assert [decoded_number(data.train_images[i]) for i in range(len(data))] == wanted
+        assert (data.source_sizes == solid(1).shape[:2]).all()
+
+
+def test_train_resolution_only_for_the_ilsvrc_tree(tmp_path):
+    from data_prep import mini_imagenet
+
+    write_mini_pickles(tmp_path, per_class=2)
+    with pytest.raises(PrepareError, match="--train-resolution 128: this source is pre-shrunk"):
+        mini_imagenet.prepare(tmp_path, tmp_path / "out", train_resolution=128)
 
 
 def test_incomplete_ilsvrc_class_is_an_error(tmp_path, ilsvrc_tree):

@@ -52,7 +52,7 @@ def test_ren_pickles(tmp_path, monkeypatch, as_arrays):
     expected = write_ren_pickles(tmp_path, as_arrays=as_arrays)
     run("tiered-imagenet", tmp_path, tmp_path / "out", workers=2 if as_arrays else 1)
     meta = load_meta(tmp_path / "out")
-    assert meta["source_layout"] == "ren-pickles" and meta["resolution"] == 84
+    assert meta["source_layout"] == "ren-pickles" and meta["resolution"] == 84 and meta["train_resolution"] is None
     assert meta["splits"]["base"]["expected_classes"] == 351
     assert meta["splits"]["novel"]["expected_images"] == 206209
     for split, (wnids, images) in expected.items():
@@ -108,9 +108,12 @@ def test_ilsvrc_tree_uses_every_image_sorted_by_number(tmp_path):
     (tree / "n09999999").mkdir()  # ILSVRC classes outside tiered-ImageNet are ignored
     run("tiered-imagenet", tmp_path, tmp_path / "out", resolution=32)
     meta = load_meta(tmp_path / "out")
-    assert meta["source_layout"] == "ilsvrc" and meta["resolution"] == 32
+    assert meta["source_layout"] == "ilsvrc" and meta["resolution"] == 32 and meta["train_resolution"] == 160
     for split, wnids in chosen.items():
         data = open_split(tmp_path / "out", split)
         assert data.class_ids == wnids and data.image_shape == (32, 32, 3)
         assert data.images[:, 0, 0, 0].tolist() == [9, 10, 100, 9, 10, 100]
         assert data.images[:, 0, 0, 1].tolist() == [0, 0, 0, 1, 1, 1]
+        # training view (default 160 for the ILSVRC tree) of the same photos, and their (height, width)
+        assert data.train_images.shape == (6, 160, 160, 3) and data.source_sizes.tolist() == [[50, 70]] * 6
+        assert data.train_images[:, 80, 80, 0].tolist() == [9, 10, 100, 9, 10, 100]

@@ -113,14 +113,36 @@ def test_early_stopping_stops_after_patience_and_keeps_best(tiny_data, tmp_path,
     assert any(r["type"] == "early_stop" for r in records)
 
 
-def test_early_stop_in_phase_1_moves_on_to_phase_2(tiny_data, tmp_path, monkeypatch):
-    scripted = iter([50.0, 40.0, 30.0, 60.0, 61.0])
+def test_phase_1_is_not_cut_by_patience_by_default(tiny_data, tmp_path, monkeypatch):
+    # Algorithm 1 early-stops the Manifold Mixup phase only: phase 1 trains all its epochs.
+    scripted = iter([50.0, 40.0, 30.0, 20.0, 10.0, 60.0, 61.0])
     monkeypatch.setattr("s2m2.trainer.Validator.__call__", lambda self, backbone: (next(scripted), 1.0))
     _, summary = _train(tiny_data, tmp_path / "run", "method.name=s2m2_r", "schedule.phase1_epochs=5",
                         "schedule.epochs=2", "validation.patience=2")
+    assert [(h["phase"], h["method"]) for h in summary["history"]] == [("phase1", "rotation")] * 5 + [("phase2", "s2m2_r")] * 2
+    assert torch.load(tmp_path / "run" / "phase1_best.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 7
+
+
+def test_phase1_patience_is_an_opt_in(tiny_data, tmp_path, monkeypatch):
+    scripted = iter([50.0, 40.0, 30.0, 60.0, 61.0])
+    monkeypatch.setattr("s2m2.trainer.Validator.__call__", lambda self, backbone: (next(scripted), 1.0))
+    _, summary = _train(tiny_data, tmp_path / "run", "method.name=s2m2_r", "schedule.phase1_epochs=5",
+                        "schedule.epochs=2", "validation.patience=2", "validation.phase1_patience=2")
     assert [(h["phase"], h["method"]) for h in summary["history"]] == [("phase1", "rotation")] * 3 + [("phase2", "s2m2_r")] * 2
-    assert (tmp_path / "run" / "phase1_best.pt").exists()
-    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 5
+
+
+@pytest.mark.parametrize("init", ["last", "best"])
+def test_phase_2_starts_from_the_phase_1_weights_the_config_names(tiny_data, tmp_path, monkeypatch, init):
+    scripted = iter([50.0, 70.0, 40.0])   # phase 1's best epoch is the 2nd of 3
+    monkeypatch.setattr("s2m2.trainer.Validator.__call__", lambda self, backbone: (next(scripted), 1.0))
+    # 3 phase-1 epochs of 3 steps; max_steps stops at the first step of phase 2, after the hand-off.
+    _train(tiny_data, tmp_path / "run", "method.name=s2m2_r", "schedule.phase1_epochs=3", "schedule.epochs=2",
+           f"schedule.phase2_init={init}", "schedule.max_steps=9")
+    load = lambda name: torch.load(tmp_path / "run" / name, weights_only=True)["state"]["backbone"]
+    start, best = load("last.pt"), load("phase1_best.pt")
+    same_as_best = all(torch.equal(start[k], best[k]) for k in start)
+    assert same_as_best == (init == "best")
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
@@ -216,8 +238,8 @@ def test_config_errors_name_the_key_and_file(tmp_path):
     child = tmp_path / "child.yaml"
     (tmp_path / "parent.yaml").write_text("optim: {lr: 0.5}\nschedule: {epochs: 7}\n")
     child.write_text("defaults: parent.yaml\nschedule: {epochs: 9}\n")
-    config = load_config(child, ["data.train_splits=[base, val]"])
-    assert config.optim.lr == 0.5 and config.schedule.epochs == 9 and config.data.train_splits == ["base", "val"]
+    config = load_config(child, ["data.train_splits=[base, novel]"])
+    assert config.optim.lr == 0.5 and config.schedule.epochs == 9 and config.data.train_splits == ["base", "novel"]
 
 
 SHIPPED = sorted((REPO / "configs").glob("*/*.yaml"))

@@ -13,9 +13,18 @@ The paper's training transform (spec §6) applied to a whole (B, H, W, C) uint8 
 Every random number comes from the ``torch.Generator`` passed in (drawn on the CPU, so the draws are the
 same whatever the device), which is what makes training reproducible and resumable.
 
+Crops at source resolution (``TrainAugment(source_sized=True)``): a full-resolution source's training view
+is the whole photo squashed to T x T plus its original (height, width). The crop boxes are then sampled in
+the ORIGINAL photo's pixel coordinates, exactly as torchvision's ``RandomResizedCrop.get_params`` on the
+full-resolution image (area and aspect relative to the real photo, not to a squashed square), and mapped
+into the T x T view (x * T / W, y * T / H) to be resampled. The sizes travel inside the batch tensor (one
+extra row per image, :func:`pack_source_sizes`) because step functions index image subsets
+(``images[subset]``) before augmenting them: a size list kept beside the batch would lose track.
+
 Differences from torchvision/PIL (documented deviations): the crop is resampled bilinearly without
-antialiasing (torchvision's tensor resize antialiases when shrinking; with stored images of 84-92 px and
-80 px crops the shrink factor is small); the crop is sampled from the whole image, so output pixels within
+antialiasing (torchvision's tensor resize antialiases when shrinking; with stored images of 84-92 px, or a
+160-px training view, and 80 px crops the shrink factor is at most 2x, where bilinear sampling still
+averages every input pixel); the crop is sampled from the whole image, so output pixels within
 half an input pixel of the box edge blend in the pixels just outside the box (torchvision crops first and
 clamps at the crop's edge); and PIL's enhancers work on rounded uint8 values while we stay
 in float between steps.
@@ -23,6 +32,7 @@ in float between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,6 +43,29 @@ from s2m2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, what PIL's convert("L") uses
 _CROP_TRIES = 10
+_SIZE_BYTES = 8  # (height, width) as two int32 in the header row of a packed batch
+
+
+def pack_source_sizes(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, T, C) training views + (B, 2) original (height, width) -> uint8 (B, T + 1, T, C).
+
+    Row T of each image is a header whose first 8 bytes hold the two sizes as int32, so the sizes follow
+    the images through indexing, ``.to(device)`` and pinning. Needs T * C >= 8.
+    """
+    batch, height, width, channels = images.shape
+    if width * channels < _SIZE_BYTES:
+        raise ValueError(f"images of width {width} x {channels} channels are too small to carry their sizes")
+    header = torch.zeros(batch, 1, width, channels, dtype=torch.uint8)
+    header.view(batch, -1)[:, :_SIZE_BYTES] = sizes.to(torch.int32).contiguous().view(torch.uint8)
+    return torch.cat([images, header], dim=1)
+
+
+def unpack_source_sizes(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, T + 1, T, C) -> (images uint8 (B, T, T, C) view, sizes int64 (B, 2) on the CPU)."""
+    batch = packed.shape[0]
+    # a fresh copy: viewing bytes as int32 needs a 4-byte-aligned start, which a slice may not have
+    header = packed[:, -1].reshape(batch, -1)[:, :_SIZE_BYTES].cpu().clone(memory_format=torch.contiguous_format)
+    return packed[:, :-1], header.view(torch.int32).long()
 
 
 @dataclass
@@ -60,11 +93,22 @@ class TrainAugment:
     flip: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    source_sized: bool = False  # input: packed training views + original sizes, crops in original pixels
 
     def sample(self, batch: int, height: int, width: int, generator: torch.Generator) -> AugmentParams:
         """Draw the crop boxes, flips and colour factors of ``batch`` images of size height x width."""
+        sizes = torch.tensor([[height, width]], dtype=torch.float32).expand(batch, 2)
+        return self.sample_sized(sizes, generator)
+
+    def sample_sized(self, sizes: torch.Tensor, generator: torch.Generator) -> AugmentParams:
+        """Draws for images of per-image sizes ``sizes`` (B, 2) = (height, width): crop boxes in each
+        image's own pixels, as torchvision's ``RandomResizedCrop.get_params`` on it (``_CROP_TRIES`` tries,
+        then the whole image clamped to the ratio range, centred), then flips and colour factors."""
         g = generator
-        area = float(height * width)
+        batch = sizes.shape[0]
+        height = sizes[:, 0].float()[:, None]  # (B, 1)
+        width = sizes[:, 1].float()[:, None]
+        area = height * width
         # RandomResizedCrop: _CROP_TRIES candidate boxes per image, keep the first that fits.
         target_area = area * torch.empty(batch, _CROP_TRIES).uniform_(self.scale[0], self.scale[1], generator=g)
         log_ratio = torch.empty(batch, _CROP_TRIES).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]),
@@ -77,21 +121,18 @@ class TrainAugment:
         any_fit = fits.any(dim=1)
         w = w.gather(1, first[:, None]).squeeze(1)
         h = h.gather(1, first[:, None]).squeeze(1)
+        height, width = height.squeeze(1), width.squeeze(1)
         # Fallback (no try fitted): the whole image, clamped to the ratio range, centred.
         in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fw, fh = float(width), float(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            fw, fh = float(round(height * self.ratio[1])), float(height)
-        else:
-            fw, fh = float(width), float(height)
-        w = torch.where(any_fit, w, torch.full_like(w, fw))
-        h = torch.where(any_fit, h, torch.full_like(h, fh))
+        fw = torch.where(in_ratio > self.ratio[1], torch.round(height * self.ratio[1]), width)
+        fh = torch.where(in_ratio < self.ratio[0], torch.round(width / self.ratio[0]), height)
+        w = torch.where(any_fit, w, fw)
+        h = torch.where(any_fit, h, fh)
         u = torch.rand(batch, 2, generator=g)
         top = torch.floor(u[:, 0] * (height - h + 1))
         left = torch.floor(u[:, 1] * (width - w + 1))
-        top = torch.where(any_fit, top, torch.full_like(top, float((height - fh) // 2)))
-        left = torch.where(any_fit, left, torch.full_like(left, float((width - fw) // 2)))
+        top = torch.where(any_fit, top, torch.div(height - fh, 2, rounding_mode="floor"))
+        left = torch.where(any_fit, left, torch.div(width - fw, 2, rounding_mode="floor"))
         flip = (torch.rand(batch, generator=g) < 0.5) if self.flip else torch.zeros(batch, dtype=torch.bool)
         factors = torch.empty(batch, 3).uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=g)
         return AugmentParams(top, left, h, w, flip, factors[:, 0], factors[:, 1], factors[:, 2])
@@ -126,8 +167,21 @@ class TrainAugment:
         return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        params = self.sample(images.shape[0], images.shape[1], images.shape[2], generator)
-        return self.apply(images, params)
+        """uint8 (B, H, W, C) -> float32 (B, 3, crop, crop); with ``source_sized`` the input is a packed
+        batch (B, T + 1, T, C) of training views and original sizes (:func:`pack_source_sizes`)."""
+        if not self.source_sized:
+            return self.apply(images, self.sample(images.shape[0], images.shape[1], images.shape[2], generator))
+        views, sizes = unpack_source_sizes(images)
+        return self.apply(views, to_view(self.sample_sized(sizes, generator), sizes, views.shape[1], views.shape[2]))
+
+
+def to_view(params: AugmentParams, sizes: torch.Tensor, view_height: int, view_width: int) -> AugmentParams:
+    """Crop boxes in original pixels (per-image ``sizes`` (B, 2) = (height, width)) -> the same boxes in
+    the pixels of a view_height x view_width resize of each image (y * view_height / height, likewise x)."""
+    sy = view_height / sizes[:, 0].float()
+    sx = view_width / sizes[:, 1].float()
+    return dataclasses.replace(params, top=params.top * sy, left=params.left * sx,
+                               height=params.height * sy, width=params.width * sx)
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
@@ -153,4 +207,5 @@ def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tens
     return x
 
 
-__all__ = ["AugmentParams", "TrainAugment", "color_jitter", "grey"]
+__all__ = ["AugmentParams", "TrainAugment", "color_jitter", "grey", "pack_source_sizes", "to_view",
+           "unpack_source_sizes"]

@@ -6,6 +6,14 @@ Layout (all paths relative, so a prepared folder can be moved or copied anywhere
     DIR/<split>/images.npy        uint8 (N, H, W, C), C in {1, 3}; opened with mmap, never read whole
     DIR/<split>/labels.npy        int64 (N,), split-local labels 0..num_classes-1
     DIR/<split>/classes.json      {"names": [...], "ids": [...]} in label order
+    DIR/<split>/train_images.npy  uint8 (N, T, T, C): full-resolution sources only (ILSVRC tree, CUB): the
+                                  whole photo resized (squashed) to T x T, what training crops are cut from
+    DIR/<split>/source_sizes.npy  int32 (N, 2): (height, width) of each original photo, with train_images.npy
+
+``images.npy`` is the evaluation view (the release's test ``Resize((92, 92))`` for full-resolution
+sources). Training crops are sampled in the original photo's pixel coordinates (``source_sizes``) and cut
+from ``train_images`` (see :mod:`s2m2.data.augment`), so their area and aspect are relative to the real
+photo, as the release's ``RandomResizedCrop`` on the full-resolution JPEG.
 
 Splits are named ``base`` / ``val`` / ``novel`` (few-shot training, validation and test classes) or
 ``all`` (every class, e.g. mini-ImageNet's 100 classes for the cross-domain protocol).
@@ -17,12 +25,18 @@ preparation never leaves a half-written dataset and never half-overwrites an exi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +47,139 @@ import torch
 from s2m2.utils import atomic_write_json
 
 FORMAT_NAME = "s2m2-prepared"
-FORMAT_VERSION = 1
+#: 2: full-resolution sources carry a training view (train_images.npy + source_sizes.npy)
+FORMAT_VERSION = 2
+#: versions this code opens; version-1 folders of full-resolution sources are refused for training only
+#: (their evaluation view is unchanged), see :func:`check_trainable`
+READABLE_VERSIONS = (1, 2)
 SPLIT_NAMES = ("base", "val", "novel", "all")
+#: source layouts whose photos are larger than the stored evaluation view (data_prep's names): the ones a
+#: training view is made for
+FULL_RESOLUTION_LAYOUTS = ("ilsvrc", "cub-folder", "cub-tgz")
+TRAIN_FILES = ("train_images.npy", "source_sizes.npy")
 
 
 class PreparedDataError(RuntimeError):
     """A prepared folder is missing, malformed, or from an incompatible format version."""
+
+
+class OutputError(RuntimeError):
+    """``out_dir`` cannot be written or may not be replaced (the message names the path and what to do)."""
+
+
+#: file inside a temporary folder naming the run that owns it ("host pid"), so a later run can tell a
+#: folder left by a killed run from one still being written; removed before the folder is renamed
+_OWNER_FILE = ".owner"
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C for the duration (main thread only): a second Ctrl-C must not interrupt the cleanup
+    of the first one (half-removed temporary folders, surviving worker processes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def is_prepared_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder whose ``meta.json`` carries the prepared-format marker (any version):
+    the only kind of folder ``--overwrite`` may replace."""
+    meta_path = Path(path) / "meta.json"
+    try:
+        return Path(path).is_dir() and json.loads(meta_path.read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Raise OutputError unless writing ``out_dir`` is allowed: it does not exist, or it is a prepared
+    folder and ``overwrite`` is set. Anything else (a user's folder, a file) is never replaced."""
+    out_dir = Path(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise OutputError(f"{out_dir} already exists; pass --overwrite to replace it (the old folder is "
+                          f"kept until the new one is complete)")
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is not a folder; --overwrite only replaces a folder made by "
+                          f"`s2m2 prepare`; choose another --out")
+    if not is_prepared_folder(out_dir):
+        raise OutputError(f"{out_dir} is not a prepared dataset (no s2m2 meta.json); --overwrite only "
+                          f"replaces a folder made by `s2m2 prepare`; choose another --out or remove it "
+                          f"yourself")
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; restored at once (preparation is single-threaded here)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_default_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain mkdir/open would have (0o777 / 0o666 minus the
+    umask): mkdtemp (0700) and mkstemp (0600) modes must not reach the shared prepared folder."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _leftover_owner(path: Path) -> tuple[str, int] | None:
+    """(host, pid) of the run that made a ``.NAME.tmp-*`` / ``.NAME.old-*`` folder, or None if unknown."""
+    try:
+        host, pid = (path / _OWNER_FILE).read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        pass
+    match = re.search(r"\.old-(\d+)$", path.name)  # .NAME.old-<pid>: the old dataset, renamed by this host
+    return (socket.gethostname(), int(match.group(1))) if match else None
+
+
+def clean_leftovers(out_dir: Path) -> list[str]:
+    """Deal with ``.NAME.tmp-*`` / ``.NAME.old-*`` folders next to ``out_dir`` left by a killed run.
+
+    Removed: a folder whose owning process (recorded in it, or in the ``.old-<pid>`` name) is dead on this
+    host -- except a ``.old-*`` folder while ``out_dir`` is missing (the run was killed between its two
+    renames: that folder is the only copy of the old dataset). Everything else (owner alive, another host,
+    unknown owner) is left alone. Returns one message per folder found, for the caller to show.
+    """
+    messages = []
+    prefixes = {f".{out_dir.name}.tmp-": "tmp", f".{out_dir.name}.old-": "old"}
+    for path in sorted(out_dir.parent.iterdir()):
+        kind = next((k for prefix, k in prefixes.items() if path.name.startswith(prefix)), None)
+        if kind is None or path.is_symlink() or not path.is_dir():
+            continue
+        owner = _leftover_owner(path)
+        if owner is None or owner[0] != socket.gethostname() or _pid_alive(owner[1]):
+            who = "unknown run" if owner is None else f"pid {owner[1]} on {owner[0]}"
+            messages.append(f"{path}: temporary folder of another `s2m2 prepare` ({who}) left alone; if no "
+                            f"such run is going on, remove it")
+        elif kind == "old" and not os.path.lexists(out_dir):
+            messages.append(f"{path}: the dataset a killed --overwrite run had moved aside; rename it to "
+                            f"{out_dir} to keep it, or remove it")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            messages.append(f"{path}: removed the temporary folder of a killed run (pid {owner[1]})")
+    return messages
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -53,7 +194,9 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
 class SplitWriter:
     """Pre-allocated, memory-mapped arrays of one split being written.
 
-    Fill ``images[i]`` (uint8 (H, W, C)) and ``labels[i]`` for every i in range(num_images).
+    Fill ``images[i]`` (uint8 (H, W, C)) and ``labels[i]`` for every i in range(num_images), and, when the
+    split has a training view, ``train_images[i]`` (uint8 (T, T, C)) and ``source_sizes[i]`` ((height,
+    width) of the original photo).
     """
 
     name: str
@@ -61,6 +204,8 @@ class SplitWriter:
     labels: np.memmap  # (N,) int64
     class_names: list[str]
     class_ids: list[str]
+    train_images: np.memmap | None = None  # (N, T, T, C) uint8
+    source_sizes: np.memmap | None = None  # (N, 2) int32
 
 
 class PreparedWriter:
@@ -79,19 +224,19 @@ class PreparedWriter:
             writer.meta["split_files"] = {...}   # provenance of the split definition
 
     On a clean exit the checksums and ``meta.json`` are written and the temporary folder is renamed to
-    ``out_dir``. On an exception the temporary folder is deleted and ``out_dir`` is untouched.
-    An existing ``out_dir`` is replaced only with ``overwrite=True`` (and only after the new one is
-    complete).
+    ``out_dir``. On an exception (Ctrl-C included) the temporary folder is deleted and ``out_dir`` is
+    untouched. An existing ``out_dir`` is replaced only with ``overwrite=True``, only when it is a prepared
+    folder (never a user's folder or file), and only after the new one is complete. The temporary folder is
+    ``.NAME.tmp-<pid>-*`` and records its owner, so the next run removes it if this one is killed.
+    Raises OutputError (naming the path) when ``out_dir`` may not be replaced or cannot be written.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, dataset: str, source: str | os.PathLike,
                  source_layout: str, resolution: int | None, overwrite: bool = False,
-                 extra_meta: dict[str, Any] | None = None):
+                 extra_meta: dict[str, Any] | None = None, train_resolution: int | None = None):
         self.out_dir = Path(out_dir).absolute()
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already exists; pass --overwrite to replace it (the old folder is "
-                f"kept until the new one is complete)")
+        check_replaceable(self.out_dir, overwrite)
+        self._overwrite = overwrite
         self.meta: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -99,6 +244,7 @@ class PreparedWriter:
             "source": os.path.basename(os.path.normpath(str(source))),
             "source_layout": source_layout,
             "resolution": resolution,
+            "train_resolution": train_resolution,
             "splits": {},
             "split_files": {},
             "warnings": [],
@@ -111,8 +257,18 @@ class PreparedWriter:
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "PreparedWriter":
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        parent = self.out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            for message in clean_leftovers(self.out_dir):
+                warnings.warn(message, stacklevel=2)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-{os.getpid()}-", dir=parent))
+            (self._tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        except OSError as err:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            raise OutputError(f"{_existing_ancestor(parent)}: cannot write the prepared folder here "
+                              f"({err.strerror or err}); choose an --out in a writable folder") from err
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -122,12 +278,15 @@ class PreparedWriter:
                 self._finish()
         finally:
             self._open.clear()
-            if self._tmp.exists():
-                shutil.rmtree(self._tmp, ignore_errors=True)
+            with sigint_ignored():  # a second Ctrl-C must not leave a half-removed folder
+                if self._tmp.exists():
+                    shutil.rmtree(self._tmp, ignore_errors=True)
 
     # -- writing -----------------------------------------------------------------------------------
     def begin_split(self, name: str, *, num_images: int, height: int, width: int, channels: int,
-                    class_names: list[str], class_ids: list[str] | None = None) -> SplitWriter:
+                    class_names: list[str], class_ids: list[str] | None = None,
+                    train_size: int | None = None) -> SplitWriter:
+        """Allocate a split; ``train_size`` T also allocates its training view (T x T) and source sizes."""
         if name not in SPLIT_NAMES:
             raise ValueError(f"split name {name!r} is not one of {SPLIT_NAMES}")
         if channels not in (1, 3):
@@ -140,8 +299,16 @@ class PreparedWriter:
         labels = np.lib.format.open_memmap(split_dir / "labels.npy", mode="w+", dtype=np.int64,
                                            shape=(num_images,))
         labels[:] = -1  # so an unfilled slot is detected at end_split
+        train_images = source_sizes = None
+        if train_size:
+            train_images = np.lib.format.open_memmap(split_dir / "train_images.npy", mode="w+", dtype=np.uint8,
+                                                     shape=(num_images, train_size, train_size, channels))
+            source_sizes = np.lib.format.open_memmap(split_dir / "source_sizes.npy", mode="w+", dtype=np.int32,
+                                                     shape=(num_images, 2))
+            source_sizes[:] = 0  # an unfilled slot is detected at end_split
         writer = SplitWriter(name, images, labels, list(class_names),
-                             list(class_ids) if class_ids is not None else list(class_names))
+                             list(class_ids) if class_ids is not None else list(class_names),
+                             train_images, source_sizes)
         self._open[name] = writer
         return writer
 
@@ -156,9 +323,14 @@ class PreparedWriter:
         num_classes = len(writer.class_names)
         if len(labels) and labels.max() >= num_classes:
             raise RuntimeError(f"split {name!r}: label {labels.max()} >= number of classes {num_classes}")
+        if writer.source_sizes is not None and (np.asarray(writer.source_sizes) <= 0).any():
+            raise RuntimeError(f"split {name!r}: source sizes of the training view were never written")
         per_class = np.bincount(labels, minlength=num_classes)
         writer.images.flush()
         writer.labels.flush()
+        if writer.train_images is not None:
+            writer.train_images.flush()
+            writer.source_sizes.flush()
         atomic_write_json(self._tmp / name / "classes.json",
                            {"names": writer.class_names, "ids": writer.class_ids})
         complete = ((expected_classes is None or expected_classes == num_classes)
@@ -166,8 +338,11 @@ class PreparedWriter:
         self.meta["splits"][name] = {
             "num_classes": num_classes,
             "num_images": int(len(labels)),
-            "images_per_class": {"min": int(per_class.min(initial=0)), "max": int(per_class.max(initial=0))},
+            # the real minimum (min(initial=0) was always 0); 0 only for a split without classes
+            "images_per_class": {"min": int(per_class.min()) if num_classes else 0,
+                                 "max": int(per_class.max()) if num_classes else 0},
             "shape": list(writer.images.shape[1:]),
+            "train_shape": list(writer.train_images.shape[1:]) if writer.train_images is not None else None,
             "expected_classes": expected_classes,
             "expected_images": expected_images,
             "complete": bool(complete),
@@ -189,16 +364,31 @@ class PreparedWriter:
         if not self.meta["splits"]:
             raise RuntimeError("no split was written")
         for name in self.meta["splits"]:
-            for fname in ("images.npy", "labels.npy"):
-                self.meta["checksums"][f"{name}/{fname}"] = _sha256(self._tmp / name / fname)
+            for fname in ("images.npy", "labels.npy", *TRAIN_FILES):
+                if (self._tmp / name / fname).is_file():
+                    self.meta["checksums"][f"{name}/{fname}"] = _sha256(self._tmp / name / fname)
         atomic_write_json(self._tmp / "meta.json", self.meta)
+        (self._tmp / _OWNER_FILE).unlink()
+        _apply_default_modes(self._tmp)
+        check_replaceable(self.out_dir, self._overwrite)  # again: --out may have appeared meanwhile
         old: Path | None = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self._tmp, self.out_dir)
+        with sigint_ignored():  # between the two renames the dataset exists only as .NAME.old-<pid>
+            if os.path.lexists(self.out_dir):
+                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+                os.replace(self.out_dir, old)
+            os.replace(self._tmp, self.out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(old):
+                warnings.warn(f"{old}: the replaced dataset could not be removed completely; remove it",
+                              stacklevel=2)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest existing folder at or above ``path`` (where a permission error actually is)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,10 +407,22 @@ def load_meta(root: str | os.PathLike) -> dict[str, Any]:
         raise PreparedDataError(f"{meta_path}: not valid JSON ({err})") from err
     if meta.get("format") != FORMAT_NAME:
         raise PreparedDataError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise PreparedDataError(f"{meta_path}: format version {meta.get('format_version')} is not supported "
-                                f"(this s2m2 reads version {FORMAT_VERSION}); prepare the dataset again")
+                                f"(this s2m2 reads versions {READABLE_VERSIONS}); prepare the dataset again")
     return meta
+
+
+def check_trainable(meta: dict[str, Any], root: str | os.PathLike) -> None:
+    """Refuse to train on a folder prepared before the training view existed (format version 1) from a
+    full-resolution source: its only images are the 92x92 squashed copies, and crops cut from them are
+    mostly upsampled and aspect-distorted. Pre-shrunk sources (84-px Ravi / pickles, CIFAR, Omniglot) store
+    the same bytes in both versions and are accepted."""
+    if meta.get("format_version", FORMAT_VERSION) < 2 and meta.get("source_layout") in FULL_RESOLUTION_LAYOUTS:
+        raise PreparedDataError(
+            f"{root}: prepared by an older s2m2 (format version {meta.get('format_version')}) without the "
+            f"full-resolution training view; prepare it again: s2m2 prepare {meta.get('dataset')} --source "
+            f"<the original {meta.get('source')}> --out {root} --overwrite")
 
 
 class PreparedSplit(torch.utils.data.Dataset):
@@ -231,7 +433,11 @@ class PreparedSplit(torch.utils.data.Dataset):
     (B, H, W, C) uint8 without per-item Python overhead.
 
     Attributes:
-        images: np.memmap uint8 (N, H, W, C).
+        images: np.memmap uint8 (N, H, W, C), the evaluation view.
+        train_images: np.memmap uint8 (N, T, T, C), the training view of a full-resolution source (the whole
+            photo squashed to T x T), or None.
+        source_sizes: np.ndarray int32 (N, 2), (height, width) of each original photo, or None (with
+            train_images).
         labels: np.ndarray int64 (N,), split-local labels in 0..num_classes-1.
         class_names, class_ids: list[str] in label order.
         meta: the dataset's meta.json as a dict.
@@ -252,6 +458,20 @@ class PreparedSplit(torch.utils.data.Dataset):
             self.labels = np.load(split_dir / "labels.npy")
         except ValueError as err:
             raise PreparedDataError(f"{split_dir}: cannot read arrays ({err})") from err
+        self.train_images: np.ndarray | None = None
+        self.source_sizes: np.ndarray | None = None
+        if (split_dir / "train_images.npy").is_file():
+            try:
+                self.train_images = np.load(split_dir / "train_images.npy", mmap_mode="r")
+                self.source_sizes = np.load(split_dir / "source_sizes.npy")
+            except (OSError, ValueError) as err:
+                raise PreparedDataError(f"{split_dir}: cannot read the training view ({err}); the prepared "
+                                        f"folder is incomplete") from err
+            if (self.train_images.ndim != 4 or self.train_images.dtype != np.uint8
+                    or len(self.train_images) != len(self.labels) or self.source_sizes.shape != (len(self.labels), 2)):
+                raise PreparedDataError(f"{split_dir}: training view {self.train_images.dtype} "
+                                        f"{self.train_images.shape} / source sizes {self.source_sizes.shape} do "
+                                        f"not match {len(self.labels)} images")
         classes = json.loads((split_dir / "classes.json").read_text())
         self.class_names: list[str] = classes["names"]
         self.class_ids: list[str] = classes["ids"]
@@ -273,7 +493,8 @@ class PreparedSplit(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """Short content hash of this split (from the checksums recorded at preparation)."""
         sums = self.meta.get("checksums", {})
-        text = "|".join(sums.get(f"{self.split}/{f}", "") for f in ("images.npy", "labels.npy"))
+        files = ("images.npy", "labels.npy", *(TRAIN_FILES if self.train_images is not None else ()))
+        text = "|".join(sums.get(f"{self.split}/{f}", "") for f in files)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def __len__(self) -> int:

@@ -165,10 +165,14 @@ class SpanBasis:
     """
 
     vectors: torch.Tensor  # (E, m, D) float32
-    chol: torch.Tensor  # (E, m, m) float64, lower triangular
+    chol: torch.Tensor | None  # (E, m, m) float64, lower triangular; None: the standard basis (m > D)
 
     @classmethod
     def of(cls, vectors: torch.Tensor) -> "SpanBasis":
+        if vectors.shape[-2] > vectors.shape[-1]:
+            # More vectors than dimensions (e.g. 20-way 5-shot on 64-d Conv-4 features): the Gram matrix is
+            # singular, and the span is the whole feature space, whose standard basis is orthonormal.
+            return cls(vectors, None)
         gram = torch.bmm(vectors, vectors.transpose(1, 2)).double()
         m = gram.shape[-1]
         scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30).view(-1, 1, 1)
@@ -180,11 +184,13 @@ class SpanBasis:
 
     @property
     def coords(self) -> torch.Tensor:
-        """(E, m, m) float64: row i = coordinates of vector i."""
-        return self.chol
+        """(E, m, r) float64, r = min(m, D): row i = coordinates of vector i."""
+        return self.vectors.double() if self.chol is None else self.chol
 
     def to_features(self, w: torch.Tensor) -> torch.Tensor:
-        """Coordinates (E, K, m) -> feature-space vectors (E, K, D) float32: w L^{-1} U."""
+        """Coordinates (E, K, r) -> feature-space vectors (E, K, D) float32: w L^{-1} U."""
+        if self.chol is None:
+            return w.float()
         y = torch.linalg.solve_triangular(self.chol, w.double(), upper=False, left=False)
         return torch.bmm(y.float(), self.vectors)
 
@@ -224,15 +230,21 @@ def fit_logreg(support: torch.Tensor, ways: int, C: float = 1.0, max_iter: int =
         tol: stop when every episode's gradient max-norm is below ``tol * max(1, C * n)``.
 
     Returns the classifier (weight (E, ways, D) in the support's dtype, bias (E, ways)) and
-    {"iterations": Newton iterations until every episode converged, "max_grad": final gradient max-norm}.
+    {"iterations": Newton iterations until every episode converged (or ``max_iter``), "max_grad": the
+    largest final gradient max-norm, "not_converged": how many episodes stopped at ``max_iter`` with their
+    gradient still above the tolerance — their classifiers are unfinished fits, and the caller says so}.
     """
+    if not C > 0 or not math.isfinite(C):
+        raise ValueError(f"logreg: C must be a finite number > 0, got {C} (C=0 ignores the data)")
+    if max_iter < 1:
+        raise ValueError(f"logreg: max_iter must be >= 1, got {max_iter}")
     e, n, d = support.shape
     k, km = ways, ways - 1
     device = support.device
-    # Orthonormal basis of the support span (r = n coordinates; n <= D in any few-shot setting).
+    # Orthonormal basis of the support span: r = min(n, D) coordinates per point.
     basis = SpanBasis.of(support.float())
     z = torch.cat([basis.coords, torch.ones(e, n, 1, dtype=torch.float64, device=device)], -1)  # (E, n, P)
-    p_dim = n + 1
+    p_dim = z.shape[-1]
     onehot = F.one_hot(_support_targets(ways, n // ways, device), k).double()  # (n, K)
     reg = torch.ones(p_dim, dtype=torch.float64, device=device)
     reg[-1] = 0.0  # intercept not penalised
@@ -246,7 +258,7 @@ def fit_logreg(support: torch.Tensor, ways: int, C: float = 1.0, max_iter: int =
     theta = torch.zeros(e, k, p_dim, dtype=torch.float64, device=device)
     active = torch.arange(e, device=device)
     threshold = tol * max(1.0, C * n)
-    iterations, max_grad = 0, 0.0
+    iterations, max_grad, not_converged = 0, 0.0, 0
     for iterations in range(1, max_iter + 1):
         th, za = theta[active], z[active]
         prob = torch.softmax(torch.bmm(za, th.transpose(1, 2)), -1)  # (A, n, K)
@@ -299,9 +311,17 @@ def fit_logreg(support: torch.Tensor, ways: int, C: float = 1.0, max_iter: int =
                 break
             t = torch.where(pending, t * 0.5, t)
         theta[active] = th + t.view(a, 1, 1) * step
+    else:
+        # The cap was reached (no break): the last step was taken without a convergence test after it.
+        # One more gradient tells which episodes are still unfinished, so they can be reported, not hidden.
+        th, za = theta[active], z[active]
+        prob = torch.softmax(torch.bmm(za, th.transpose(1, 2)), -1)
+        gmax = (reg * th + C * torch.bmm((prob - onehot).transpose(1, 2), za)).abs().amax((1, 2))
+        not_converged = int((gmax >= threshold).sum())
+        max_grad = float(gmax.max()) if len(gmax) else 0.0
     weight = basis.to_features(theta[..., :-1])  # (E, K, D)
     return (LinearEpisodeClassifier(weight.to(support.dtype), theta[..., -1].to(support.dtype)),
-            {"iterations": iterations, "max_grad": max_grad})
+            {"iterations": iterations, "max_grad": max_grad, "not_converged": not_converged})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,6 +515,8 @@ def evaluate_episodes_detailed(features: torch.Tensor, labels: torch.Tensor, epi
     if head == "cosine":
         cos_opts = CosineOptions(**{k: tuple(v) if k == "report_epochs" else v
                                     for k, v in head_options.items() if k != "seed"})
+        if cos_opts.epochs < 1:
+            raise ValueError(f"cosine: epochs must be >= 1, got {cos_opts.epochs}")
         head_seed = int(head_options.get("seed", 0))
         # Keep the RNG-block/chunk overlap small: round chunks to whole RNG blocks when they are large.
         if chunk >= _COSINE_RNG_BLOCK:
@@ -515,6 +537,8 @@ def evaluate_episodes_detailed(features: torch.Tensor, labels: torch.Tensor, epi
         elif head == "logreg":
             clf, fit_info = fit_logreg(support, ways, **head_options)
             info["newton_iterations_max"] = max(info.get("newton_iterations_max", 0), fit_info["iterations"])
+            info["max_grad"] = max(info.get("max_grad", 0.0), fit_info["max_grad"])
+            info["not_converged"] = info.get("not_converged", 0) + fit_info["not_converged"]
             accs.setdefault("final", []).append(score(part, clf))
         else:
             draws = CosineDraws(episodes.generator_seed, head_seed, start, len(part))

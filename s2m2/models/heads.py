@@ -78,6 +78,11 @@ class LinearClassifier(nn.Linear):
         self.in_dim = in_dim
         self.num_classes = num_classes
 
+    def reset_parameters(self) -> None:
+        # The release's Baseline head: PyTorch's default weight init, bias filled with 0.
+        super().reset_parameters()
+        nn.init.zeros_(self.bias)
+
 
 class RotationHead(nn.Linear):
     """Rotation prediction head: ``forward(x (B, in_dim)) -> logits (B, 4)`` over 0/90/180/270 degrees.

@@ -1,0 +1,644 @@
+"""``s2m2 report``: Markdown tables and plots from result records.
+
+    s2m2 report RECORD_OR_DIR [...] --out docs/results.md [--plots-dir docs/results]
+                [--archive docs/results/records] [--title Results]
+
+Inputs are JSON records: ``s2m2 evaluate --out`` (format ``s2m2-evaluation``), ``s2m2 cross-domain --out``
+(``s2m2-cross-domain``) and reference numbers measured elsewhere (``s2m2-reference``: the paper, a public
+baseline; each carries its provenance). A folder stands for the records in it (``*.json`` whose ``format``
+is one of those; other JSON such as ``summary.json`` is ignored).
+
+For each measured record the training run is found from the features' checkpoint path (its folder's
+``config.yaml`` and ``summary.json``: method, backbone, budget, how it stopped, images seen). A
+``provenance`` entry in the record (added by ``scripts/ablation.py``) adds the exact commands, the hardware
+and the section title; without it the evaluate command is rebuilt from the record and the hardware is
+reported as not recorded.
+
+Output: one section per dataset (cross-domain separately), each with a table (rows: method x head; columns:
+ways x shots, mean +- 95% CI), the protocol, the training budget, links to the record and the run's
+provenance, two plots (accuracy by method with CI bars; accuracy by shots), and a generated statement of
+what differs from the reference rows. ``--archive`` keeps compact copies of the measured records (without
+per-episode accuracies, with the run information embedded) so the report can be rebuilt from the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from s2m2.utils import atomic_write, atomic_write_json
+from s2m2.cli import CommandParser
+
+MEASURED_FORMATS = ("s2m2-evaluation", "s2m2-cross-domain")
+REFERENCE_FORMAT = "s2m2-reference"
+FORMATS = (*MEASURED_FORMATS, REFERENCE_FORMAT)
+
+DATASET_TITLES = {"cifar-fs": "CIFAR-FS", "fc100": "FC100", "mini-imagenet": "mini-ImageNet",
+                  "tiered-imagenet": "tiered-ImageNet", "cub": "CUB", "omniglot": "Omniglot"}
+# The paper's ablation order first, so tables read like its Table 3.
+METHOD_ORDER = ("baseline", "baseline++", "manifold_mixup", "rotation", "exemplar", "s2m2_r", "s2m2_e")
+HEAD_ORDER = ("logreg", "cosine", "ncm")
+
+
+class ReportError(Exception):
+    """A record cannot be used; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardware and provenance (also used by scripts/ablation.py)
+# ------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def hardware_info() -> dict[str, Any]:
+    """What a wall-clock number depends on: CPU model, cores usable by this process, torch, GPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu_model(), "cores": usable, "cpu_count": os.cpu_count(), "torch": torch_version,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if "torch" in sys.modules:  # only when already loaded: importing torch costs seconds
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def hardware_label(hw: dict[str, Any] | None) -> str:
+    if not hw:
+        return "not recorded"
+    text = f"{hw.get('cpu', '?')}, {hw.get('cores', '?')} cores, torch {hw.get('torch', '?')}"
+    return text + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
+
+
+def add_provenance(record_path: str | Path, **provenance: Any) -> None:
+    """Add (or update) the ``provenance`` entry of a result record, atomically.
+
+    Used by scripts that run ``s2m2 evaluate`` / ``cross-domain`` and know what the record itself cannot:
+    the commands that made the checkpoint, the hardware, the section the row belongs to.
+    """
+    path = Path(record_path)
+    record = load_record(path)
+    record["provenance"] = {**record.get("provenance", {}), **provenance}
+    atomic_write_json(path, record, indent=None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+# ------------------------------------------------------------------------------------------------
+def load_record(path: str | Path) -> dict[str, Any]:
+    """Read and check one record; every problem is a :class:`ReportError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: record not found")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path}: cannot be read ({err})") from None
+    if not isinstance(record, dict) or record.get("format") not in FORMATS:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ReportError(f"{path}: not a result record (format {found!r}; expected one of {', '.join(FORMATS)})")
+    required = ("rows", "label", "dataset") if record["format"] == REFERENCE_FORMAT else ("results", "features", "head")
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ReportError(f"{path}: {record['format']} record without {', '.join(map(repr, missing))}")
+    return record
+
+
+def find_records(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded to their ``*.json`` files that are records (sorted)."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for path in sorted(item.glob("*.json")):
+                try:
+                    fmt = json.loads(path.read_text()).get("format")
+                except (json.JSONDecodeError, AttributeError):
+                    raise ReportError(f"{path}: not valid JSON (found in {item})") from None
+                if fmt in FORMATS:
+                    found.append(path)
+        elif item.exists():
+            found.append(item)
+        else:
+            raise ReportError(f"{item}: record not found")
+    return found
+
+
+@dataclass
+class RunInfo:
+    """What the training run folder says: method, backbone, budget, how and when it stopped."""
+
+    run_dir: str
+    method: str | None = None
+    backbone: str | None = None
+    budget_minutes: float | None = None
+    stopped: str | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    images_seen: int | None = None
+    elapsed_seconds: float | None = None
+    best: dict[str, Any] | None = None
+    config_path: str | None = None
+
+
+def backbone_label(name: str | None, kwargs: dict[str, Any] | None = None) -> str | None:
+    if not name:
+        return None
+    extra = {k: v for k, v in (kwargs or {}).items() if k != "dropout"}  # dropout is no shape
+    return name + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
+
+
+def read_run(run_dir: str | Path) -> RunInfo | None:
+    """The run folder's config.yaml + summary.json, or None when neither is there."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
+    if not config_path.is_file() and not summary_path.is_file():
+        return None
+    info = RunInfo(run_dir=str(run_dir))
+    if config_path.is_file():
+        try:
+            config = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ReportError(f"{config_path}: not valid YAML ({err})") from None
+        model = config.get("model") or {}
+        info.method = (config.get("method") or {}).get("name")
+        info.backbone = backbone_label(model.get("backbone"), model.get("backbone_kwargs"))
+        info.budget_minutes = (config.get("schedule") or {}).get("budget_minutes")
+        info.config_path = str(config_path)
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{summary_path}: not valid JSON ({err.msg})") from None
+        info.stopped, info.epochs, info.steps = summary.get("stopped"), summary.get("epochs"), summary.get("steps")
+        info.images_seen, info.elapsed_seconds = summary.get("images_seen"), summary.get("elapsed_seconds")
+        info.best = summary.get("best")
+        if summary.get("budget_minutes") is not None:
+            info.budget_minutes = summary["budget_minutes"]
+    return info
+
+
+def run_of_record(record: dict[str, Any]) -> RunInfo | None:
+    """The run behind a measured record: embedded (archived copy) or read from the checkpoint's folder."""
+    if record.get("run"):
+        return RunInfo(**record["run"])
+    provenance = record.get("provenance") or {}
+    run_dir = provenance.get("run_dir")
+    if not run_dir:
+        checkpoint = ((record.get("features") or {}).get("checkpoint") or {}).get("path")
+        run_dir = str(Path(checkpoint).parent) if checkpoint else None
+    return read_run(run_dir) if run_dir else None
+
+
+def evaluate_command(record: dict[str, Any]) -> str:
+    """The `s2m2 evaluate` command that reproduces a record's protocol (for records without provenance)."""
+    res = [r for r in record["results"]]
+    shots = " ".join(str(r["shots"]) for r in res)
+    first = res[0] if res else {}
+    head = record["head"]
+    args = [f"--features {shlex.quote(str(record['features'].get('path', '?')))}",
+            f"--ways {first.get('ways', '?')}", f"--shots {shots}", f"--queries {first.get('queries', '?')}",
+            f"--episodes {first.get('episodes', '?')}", f"--seed {first.get('seed', '?')}", f"--head {head['name']}"]
+    args += [f"--{k.replace('_', '-')} {v}" for k, v in (head.get("options") or {}).items()
+             if head["name"] == "logreg"]
+    sub = "cross-domain" if record["format"] == "s2m2-cross-domain" else "evaluate"
+    return f"s2m2 {sub} " + " ".join(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows and sections
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One (method, head, ways, shots) result."""
+
+    section: str
+    label: str            # method name, or the reference's label
+    backbone: str
+    head: str
+    ways: int
+    shots: int
+    mean: float | None
+    ci95: float | None
+    episodes: int | None
+    queries: Any
+    seed: Any
+    skipped: str | None
+    reference: bool
+    record_path: str      # where the report links (archived copy when archived)
+    group: str            # provenance group: one per run (measured) or per reference record
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def dataset_title(name: str | None) -> str:
+    return DATASET_TITLES.get(name or "", name or "unknown dataset")
+
+
+def section_of(record: dict[str, Any]) -> str:
+    """Section title: stated by the provenance or the reference, else from the dataset of the features."""
+    provenance = record.get("provenance") or {}
+    if provenance.get("section"):
+        return provenance["section"]
+    if record["format"] == REFERENCE_FORMAT:
+        return record.get("section") or f"{dataset_title(record['dataset'])} ({record.get('split', 'novel')} classes)"
+    dataset = (record["features"].get("dataset") or {})
+    if record["format"] == "s2m2-cross-domain":
+        images = (record["features"].get("shape") or ["?"])[0]
+        return f"Cross-domain: {dataset_title(dataset.get('name'))} ({images} images)"
+    return f"{dataset_title(dataset.get('name'))} ({dataset.get('split', '?')} classes)"
+
+
+def rows_of(record: dict[str, Any], path: Path, link: str) -> list[Row]:
+    """The rows a record contributes."""
+    section = section_of(record)
+    if record["format"] == REFERENCE_FORMAT:
+        group = f"ref:{path}"
+        return [Row(section=section, label=r.get("label", record["label"]), backbone=r.get("backbone", "?"),
+                    head=r.get("head", "?"), ways=int(r["ways"]), shots=int(r["shots"]), mean=r.get("mean"),
+                    ci95=r.get("ci95"), episodes=r.get("episodes"), queries=r.get("queries"), seed=r.get("seed"),
+                    skipped=None, reference=True, record_path=link, group=group,
+                    details={"record": record})
+                for r in record["rows"]]
+    run = run_of_record(record)
+    provenance = record.get("provenance") or {}
+    method = provenance.get("method") or (run.method if run else None) or "unknown method"
+    ckpt = record["features"].get("checkpoint") or {}
+    backbone = (run.backbone if run else None) or backbone_label((ckpt.get("backbone") or {}).get("name")) or "?"
+    group = f"run:{run.run_dir}" if run else f"record:{path}"
+    rows = []
+    for r in record["results"]:
+        rows.append(Row(section=section, label=method, backbone=backbone, head=record["head"]["name"],
+                        ways=int(r["ways"]), shots=int(r["shots"]), mean=r.get("mean"), ci95=r.get("ci95"),
+                        episodes=r.get("episodes"), queries=r.get("queries"), seed=r.get("seed"),
+                        skipped=r.get("skipped"), reference=False, record_path=link, group=group,
+                        details={"record": record, "run": run, "path": str(path)}))
+    return rows
+
+
+def format_acc(mean: float | None, ci95: float | None) -> str:
+    """``74.81 ± 0.19`` (two decimals, as the paper); a reference without a CI says so."""
+    if mean is None:
+        return "–"
+    return f"{mean:.2f} ± {ci95:.2f}" if ci95 is not None else f"{mean:.2f} (no CI reported)"
+
+
+def _order_key(row: Row) -> tuple:
+    method_rank = METHOD_ORDER.index(row.label) if row.label in METHOD_ORDER else len(METHOD_ORDER)
+    head_rank = HEAD_ORDER.index(row.head) if row.head in HEAD_ORDER else len(HEAD_ORDER)
+    return (row.reference, method_rank, row.label, row.backbone, head_rank, row.head)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+
+
+def _unique(values, missing: str = "?") -> str:
+    """Distinct values joined by '/', in order (e.g. the episodes of a row's cells); ``missing`` if none."""
+    seen: list[str] = []
+    for v in values:
+        if v is not None and str(v) not in seen:
+            seen.append(str(v))
+    return "/".join(seen) if seen else missing
+
+
+def training_label(run: RunInfo | None) -> str:
+    """How the backbone was trained, from its run folder: budget, stop reason, epochs, images, time."""
+    if run is None:
+        return "run folder not found"
+    parts = []
+    if run.budget_minutes is not None:
+        parts.append(f"{run.budget_minutes:g} min budget")
+    if run.stopped:
+        parts.append(f"stopped: {run.stopped}")
+    if run.epochs is not None:
+        parts.append(f"{run.epochs} epochs")
+    if run.images_seen is not None:
+        parts.append(f"{run.images_seen / 1e6:.2f} M images")
+    if run.elapsed_seconds is not None:
+        parts.append(f"{run.elapsed_seconds / 60:.1f} min")
+    return ", ".join(parts) or "not recorded"
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------
+def _save_png(fig, path: Path) -> Path:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return path
+
+
+def _columns(rows: list[Row]) -> list[tuple[int, int]]:
+    return sorted({(r.ways, r.shots) for r in rows})
+
+
+def plot_by_method(rows: list[Row], title: str, path: Path) -> Path:
+    """Grouped bars: one group per method (or reference), one bar per head, CI as error bars; one panel per
+    (ways, shots)."""
+    from matplotlib.figure import Figure
+
+    columns = _columns(rows)
+    labels = list(dict.fromkeys(r.label for r in sorted(rows, key=_order_key)))
+    heads = list(dict.fromkeys(r.head for r in sorted(rows, key=_order_key)))
+    width = 0.8 / max(len(heads), 1)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 3.2 * len(columns)), layout="constrained")
+    axes = fig.subplots(len(columns), 1, squeeze=False)[:, 0]
+    for ax, (ways, shots) in zip(axes, columns):
+        for h, head in enumerate(heads):
+            xs, ys, errs = [], [], []
+            for i, label in enumerate(labels):
+                match = [r for r in rows if (r.label, r.head, r.ways, r.shots) == (label, head, ways, shots)
+                         and r.mean is not None]
+                if match:
+                    xs.append(i + (h - (len(heads) - 1) / 2) * width)
+                    ys.append(match[0].mean)
+                    errs.append(match[0].ci95 or 0.0)
+            if xs:
+                ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=head)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set(ylabel="accuracy (%)", title=f"{ways}-way {shots}-shot (95% CI bars)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, title="head", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"{title}: accuracy by method", fontsize=10)
+    return _save_png(fig, path)
+
+
+def plot_by_shots(rows: list[Row], title: str, path: Path) -> Path:
+    """Accuracy against shots, one line per (method, head); one panel per number of ways."""
+    from matplotlib.figure import Figure
+
+    ways_list = sorted({r.ways for r in rows})
+    fig = Figure(figsize=(7, 3.6 * len(ways_list)), layout="constrained")
+    axes = fig.subplots(len(ways_list), 1, squeeze=False)[:, 0]
+    for ax, ways in zip(axes, ways_list):
+        series: dict[tuple[str, str, bool], list[Row]] = {}
+        for r in sorted(rows, key=_order_key):
+            if r.ways == ways and r.mean is not None:
+                series.setdefault((r.label, r.head, r.reference), []).append(r)
+        for (label, head, reference), items in series.items():
+            items.sort(key=lambda r: r.shots)
+            ax.errorbar([r.shots for r in items], [r.mean for r in items], yerr=[r.ci95 or 0 for r in items],
+                        marker="o", markersize=4, capsize=3, linestyle="--" if reference else "-",
+                        label=f"{label} ({head})")
+        shots = sorted({r.shots for r in rows if r.ways == ways})
+        ax.set_xticks(shots)
+        ax.set(xlabel="shots", ylabel="accuracy (%)", title=f"{ways}-way (dashed: references)")
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{title}: accuracy by shots", fontsize=10)
+    return _save_png(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------------
+def _rel(target: str | Path, base: Path) -> str:
+    return Path(os.path.relpath(Path(target).absolute(), base.absolute())).as_posix()
+
+
+def section_table(rows: list[Row], groups: dict[str, str], base: Path) -> list[str]:
+    columns = _columns(rows)
+    header = ["method", "backbone", "head", *[f"{w}-way {s}-shot" for w, s in columns], "episodes",
+              "protocol", "training", "provenance"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = list(dict.fromkeys((r.label, r.backbone, r.head, r.group) for r in sorted(rows, key=_order_key)))
+    for key in keys:
+        cells = [r for r in rows if (r.label, r.backbone, r.head, r.group) == key]
+        first = cells[0]
+        accs = []
+        for ways, shots in columns:
+            match = [r for r in cells if (r.ways, r.shots) == (ways, shots)]
+            if not match:
+                accs.append("–")
+            elif match[0].skipped:
+                accs.append("skipped (data too small)")
+            else:
+                accs.append(format_acc(match[0].mean, match[0].ci95))
+        episodes = _unique(f"{r.episodes:,}" if isinstance(r.episodes, int) else r.episodes
+                           for r in cells if not r.skipped)
+        protocol = (f"{_unique((r.queries for r in cells), 'n/a')} queries, "
+                    f"seed {_unique((r.seed for r in cells), 'n/a')}")
+        if first.reference:
+            training = first.details["record"].get("setup", {}).get("training", "see record")
+            label = f"{first.label} (reference)"
+        else:
+            training = training_label(first.details["run"])
+            label = first.label
+        links = f"[record]({_rel(first.record_path, base)}), [{groups[first.group]}](#{slug(groups[first.group])})"
+        lines.append("| " + " | ".join([label, first.backbone, first.head, *accs, episodes, protocol, training,
+                                         links]) + " |")
+    return lines
+
+
+def differences(rows: list[Row]) -> list[str]:
+    """Generated statement of what differs between the measured rows and each reference."""
+    measured = [r for r in rows if not r.reference]
+    references = {r.group: r for r in rows if r.reference}
+    if not references:
+        return []
+    if not measured:
+        return ["No measured record in this section yet: only the reference rows are shown."]
+    runs = [r.details["run"] for r in measured]
+    records = [r.details["record"] for r in measured]
+    backbones = _unique(r.backbone for r in measured)
+    budgets = _unique(f"{run.budget_minutes:g}-minute wall-clock budget" if run and run.budget_minutes is not None
+                      else "no wall-clock budget" for run in runs)
+    epochs = _unique(run.epochs for run in runs if run)
+    hardware = _unique(hardware_label((rec.get("provenance") or {}).get("hardware")) for rec in records)
+    evaluation = (f"{_unique(r.episodes for r in measured if not r.skipped)} episodes, "
+                  f"{_unique(r.queries for r in measured)} queries per class, heads {_unique(r.head for r in measured)}")
+    lines = [f"What differs (generated from the records): here — backbone {backbones}; training: {budgets}, "
+             f"{epochs} epochs; hardware: {hardware}; evaluation: {evaluation}."]
+    for ref in references.values():
+        setup = ref.details["record"].get("setup") or {}
+        lines.append(f"- {ref.details['record']['label']}: backbone {setup.get('backbone', '?')}; training: "
+                     f"{setup.get('training', '?')}; hardware: {setup.get('hardware', '?')}; evaluation: "
+                     f"{setup.get('evaluation', '?')}.")
+    return lines
+
+
+def provenance_lines(group: str, name: str, rows: list[Row], base: Path) -> list[str]:
+    """The run's (or reference's) provenance: commands, config, budget, hardware, date."""
+    first = rows[0]
+    record = first.details["record"]
+    title = record["label"] if first.reference else first.label
+    lines = [f"<a id=\"{slug(name)}\"></a>**{name}** — {title}"]
+    if first.reference:
+        prov = record.get("provenance") or {}
+        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in prov.items()]
+        lines += [f"- {k}: {v}" for k, v in (record.get("setup") or {}).items()]
+        lines.append(f"- record: [{Path(first.record_path).name}]({_rel(first.record_path, base)})")
+        return lines
+    run: RunInfo | None = first.details["run"]
+    provenance = {}
+    for r in rows:  # records of the same run may each carry provenance; the commands are merged
+        provenance = {**(r.details["record"].get("provenance") or {}), **provenance}
+    commands = provenance.get("commands") or {}
+    for step in ("prepare", "train"):
+        for entry in commands.get(step) or []:
+            when = f" ({entry.get('date')}, exit {entry.get('exit')})" if isinstance(entry, dict) else ""
+            cmd = entry.get("command") if isinstance(entry, dict) else entry
+            lines.append(f"- {step}: `{cmd}`{when}")
+    if commands.get("features"):
+        lines.append(f"- features: `{commands['features']}`")
+    evaluated = list(dict.fromkeys((r.details["record"].get("provenance") or {}).get("commands", {}).get("evaluate")
+                                   or evaluate_command(r.details["record"]) for r in rows))
+    lines += [f"- evaluate: `{cmd}`" for cmd in evaluated]
+    if run:
+        if run.config_path:
+            lines.append(f"- config: `{run.config_path}`")
+        lines.append(f"- run folder: `{run.run_dir}`; training: {training_label(run)}")
+        if run.best:
+            lines.append(f"- best validation epoch: {run.best.get('epoch')} ({run.best.get('phase')}, "
+                         f"{format_acc(run.best.get('val_acc'), run.best.get('val_ci95'))})")
+    if provenance.get("checkpoint_used"):
+        lines.append(f"- checkpoint evaluated: {provenance['checkpoint_used']}")
+    else:
+        ckpt = record["features"].get("checkpoint") or {}
+        lines.append(f"- checkpoint evaluated: `{ckpt.get('path', '?')}` (epoch {ckpt.get('epoch', '?')})")
+    hw = provenance.get("hardware")
+    lines.append(f"- hardware: {hardware_label(hw)}" + ("" if hw else f" (evaluation: {record.get('device', '?')}, "
+                                                                 f"torch {record.get('torch', '?')})"))
+    dates = _unique(r.details["record"].get("created") for r in rows)
+    lines.append(f"- date: {provenance.get('date') or dates} (records created {dates})")
+    return lines
+
+
+@dataclass
+class Report:
+    markdown: str
+    plots: list[Path]
+    rows: list[Row]
+
+
+def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: Path | None = None,
+                 title: str = "Results", command: str | None = None) -> Report:
+    """Read the records, write plots (and archived copies), return the Markdown (not yet written)."""
+    paths = find_records(inputs)
+    if not paths:
+        raise ReportError(f"no result records in {', '.join(map(str, inputs))}")
+    base = out.parent
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for path in paths:
+        record = load_record(path)
+        identity = record.get("archived_from") or str(path.resolve())
+        if identity in seen:
+            continue  # the same record given twice (e.g. the original and its archived copy)
+        seen.add(identity)
+        link = path
+        if archive is not None and record["format"] in MEASURED_FORMATS:
+            link = archive_record(record, path, archive)
+        rows += rows_of(record, path, str(link))
+    sections = list(dict.fromkeys(r.section for r in rows))
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    md = [f"# {title}", "",
+          "<!-- GENERATED FILE: do not edit by hand; change the records or s2m2/report.py and re-run. -->",
+          f"Generated by `{command or 's2m2 report'}` on {stamp} from {len(seen)} result records. "
+          "Nothing here is typed by hand: every number, command, budget and hardware line comes from a record.",
+          "Accuracy: mean ± 95% CI (1.96·σ/√episodes) in %, 5-way unless stated."]
+    plots: list[Path] = []
+    group_names: dict[str, str] = {}
+    for section in sections:
+        section_rows = [r for r in rows if r.section == section]
+        for r in sorted(section_rows, key=_order_key):
+            if r.group not in group_names:
+                prefix = "reference" if r.reference else "run"
+                group_names[r.group] = f"{prefix} {sum(n.startswith(prefix) for n in group_names.values()) + 1}"
+        md += ["", f"## {section}", ""]
+        md += section_table(section_rows, group_names, base)
+        plottable = [r for r in section_rows if r.mean is not None]
+        if plottable:
+            by_method = plot_by_method(plottable, section, plots_dir / f"{slug(section)}_by_method.png")
+            by_shots = plot_by_shots(plottable, section, plots_dir / f"{slug(section)}_by_shots.png")
+            plots += [by_method, by_shots]
+            md += ["", f"![{section}: accuracy by method]({_rel(by_method, base)})",
+                   f"![{section}: accuracy by shots]({_rel(by_shots, base)})"]
+        diff = differences(section_rows)
+        if diff:
+            md += [""] + diff
+        md += ["", "### Provenance", ""]
+        for group in dict.fromkeys(r.group for r in sorted(section_rows, key=_order_key)):
+            md += provenance_lines(group, group_names[group], [r for r in section_rows if r.group == group], base)
+            md.append("")
+    return Report(markdown="\n".join(md).rstrip() + "\n", plots=plots, rows=rows)
+
+
+def archive_record(record: dict[str, Any], path: Path, archive: Path) -> Path:
+    """A compact copy (no per-episode accuracies; the run folder's information embedded) in ``archive``."""
+    if archive.resolve() == path.resolve().parent:
+        return path  # already the archived copy
+    compact = json.loads(json.dumps(record))
+    for result in compact.get("results", []):
+        result.pop("accuracies", None)
+        for checkpoint in (result.get("checkpoints") or {}).values():
+            checkpoint.pop("accuracies", None)
+    run = run_of_record(record)
+    compact["run"] = asdict(run) if run else None
+    compact["archived_from"] = str(path.resolve())
+    target = archive / f"{slug(section_of(record))}-{path.stem}.json"
+    atomic_write_json(target, compact)
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="s2m2 report", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", help="result records (JSON) or folders of them")
+    p.add_argument("--out", type=Path, default=Path("results.md"), help="Markdown file to write")
+    p.add_argument("--plots-dir", type=Path, help="where the PNGs go (default: beside --out, in <stem>/)")
+    p.add_argument("--archive", type=Path, help="also keep compact copies of the measured records here "
+                   "(the table links to them), so the report can be rebuilt from the repository")
+    p.add_argument("--title", default="Results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    plots_dir = args.plots_dir or args.out.parent / args.out.stem
+    command = "s2m2 report " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        report = build_report(args.inputs, args.out, plots_dir, archive=args.archive, title=args.title,
+                              command=command)
+    except ReportError as err:
+        print(f"s2m2 report: error: {err}", file=sys.stderr)
+        return 2
+    atomic_write(args.out, lambda f: f.write(report.markdown), binary=False)
+    print(f"wrote {args.out} ({len(report.rows)} rows) and {len(report.plots)} plots in {plots_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
