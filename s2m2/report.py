@@ -507,7 +507,8 @@ def provenance_lines(group: str, name: str, rows: list[Row], base: Path) -> list
         provenance = {**(r.details["record"].get("provenance") or {}), **provenance}
     commands = provenance.get("commands") or {}
     for step in ("prepare", "train"):
-        for entry in commands.get(step) or []:
+        entries = commands.get(step) or []
+        for entry in [entries] if isinstance(entries, (str, dict)) else entries:  # one command, or a list
             when = f" ({entry.get('date')}, exit {entry.get('exit')})" if isinstance(entry, dict) else ""
             cmd = entry.get("command") if isinstance(entry, dict) else entry
             lines.append(f"- {step}: `{cmd}`{when}")
@@ -586,6 +587,12 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
             plots += [by_method, by_shots]
             md += ["", f"![{section}: accuracy by method]({_rel(by_method, base)})",
                    f"![{section}: accuracy by shots]({_rel(by_shots, base)})"]
+        curves = training_curves(section_rows, section, plots_dir)
+        if curves:
+            md += ["", "Training curves (loss terms, train and validation accuracy; phase boundary and best epoch "
+                   "marked), drawn by `s2m2.plots` in each run's folder:", ""]
+            md += [f"![{label}: {png.stem}]({_rel(png, base)})" for label, png in curves]
+            plots += [png for _, png in curves]
         diff = differences(section_rows)
         if diff:
             md += [""] + diff
@@ -594,6 +601,28 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
             md += provenance_lines(group, group_names[group], [r for r in section_rows if r.group == group], base)
             md.append("")
     return Report(markdown="\n".join(md).rstrip() + "\n", plots=plots, rows=rows)
+
+
+def training_curves(rows: list[Row], section: str, plots_dir: Path) -> list[tuple[str, Path]]:
+    """The runs' ``curves_*.png`` (from ``s2m2.plots``), copied beside the report's plots: [(label, png)].
+
+    A run folder that is gone (a report rebuilt from archived records) keeps the copies made earlier.
+    """
+    out, done = [], set()
+    for row in sorted(rows, key=_order_key):
+        run = row.details.get("run") if not row.reference else None
+        if run is None or run.run_dir in done:
+            continue
+        done.add(run.run_dir)
+        for name in ("curves_training.png", "curves_validation.png"):
+            copy = plots_dir / f"{slug(section)}_{slug(row.label)}_{name}"
+            source = Path(run.run_dir) / name
+            if source.is_file():
+                data = source.read_bytes()
+                atomic_write(copy, lambda f: f.write(data))
+            if copy.is_file():
+                out.append((row.label, copy))
+    return out
 
 
 def archive_record(record: dict[str, Any], path: Path, archive: Path) -> Path:

@@ -69,23 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
     step("features", ["features", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "novel",
                       "--out", str(features)], commands)
-    records = []
+    records = {}
     # 20-way 5-shot logistic regression solves a (19 x 65)-unknown Newton system per episode (~0.13 s each
     # on 2 cores), so it gets fewer episodes (a wider CI) to keep the demo within 5 minutes.
     for ways, shots, episodes in ((5, ["1", "5"], args.episodes), (20, ["1"], args.episodes),
                                   (20, ["5"], max(1, args.episodes // 5))):
         record = args.out / f"results_{ways}way_{'_'.join(shots)}shot.json"
-        step(f"evaluate {ways}-way {'/'.join(shots)}-shot",
-             ["evaluate", "--features", str(features), "--ways", str(ways), "--shots", *shots, "--queries", "15",
-              "--episodes", str(episodes), "--seed", "0", "--head", "logreg", "--no-progress", "--out", str(record)],
-             commands)
-        records.append(record)
+        title = f"evaluate {ways}-way {'/'.join(shots)}-shot"
+        step(title, ["evaluate", "--features", str(features), "--ways", str(ways), "--shots", *shots, "--queries",
+                     "15", "--episodes", str(episodes), "--seed", "0", "--head", "logreg", "--no-progress",
+                     "--out", str(record)], commands)
+        records[record] = commands.pop(title)
 
     from s2m2.report import add_provenance, hardware_info, load_record
-    for record in records:
+    for record, evaluate in records.items():
         add_provenance(record, method="s2m2_r", run_dir=str(run), section="Omniglot demo (`make demo`, novel classes)",
-                       checkpoint_used=checkpoint.name, commands=dict(commands), hardware=hardware_info(),
-                       date=datetime.now(timezone.utc).isoformat(timespec="seconds"), added_by="scripts/demo.py")
+                       checkpoint_used=checkpoint.name, commands={**commands, "evaluate": evaluate},
+                       hardware=hardware_info(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       added_by="scripts/demo.py")
     step("report", ["report", *map(str, records), "--out", str(args.out / "report.md"),
                     "--plots-dir", str(args.out)], commands)
 

@@ -169,3 +169,20 @@ def test_plot_run_without_validation_or_with_one_epoch(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert plot_run(empty) == []
+
+
+def test_report_shows_each_runs_training_curves_and_keeps_them_after_the_run_is_gone(records, tmp_path):
+    from s2m2.plots import plot_run
+
+    plot_run(tmp_path / "runs" / "s2m2_r")
+    out, plots = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results"
+    md = build_report([records], out, plots, archive=tmp_path / "archive").markdown
+    curves = re.findall(r"!\[s2m2_r: ([^\]]+)\]\(([^)]+)\)", md)
+    assert [name for name, _ in curves] == ["cifar-fs-novel-classes_s2m2-r_curves_training",
+                                            "cifar-fs-novel-classes_s2m2-r_curves_validation"]
+    assert all(is_png(out.parent / target) for _, target in curves)
+    assert "baseline: " not in md   # the baseline run has no plots, so no links
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    again = build_report([tmp_path / "archive"], out, plots).markdown
+    assert re.findall(r"!\[s2m2_r: ([^\]]+)\]\(([^)]+)\)", again) == curves
