@@ -80,6 +80,10 @@ def interrupt_point(name: str) -> None:
     if not spec or spec.split(":")[0] != name:
         return
     del os.environ[TEST_SIGINT_ENV]
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started as a background job (`cmd &`, nohup): the shell set SIGINT to ignored and Python kept it,
+        # so the signal would vanish. A user's Ctrl-C reaches a foreground process; make this one alike.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if spec.endswith(":wait"):
         import time
 

@@ -287,9 +287,12 @@ def rows_of(record: dict[str, Any], path: Path, link: str) -> list[Row]:
     run = run_of_record(record)
     provenance = record.get("provenance") or {}
     method = provenance.get("method") or (run.method if run else None) or "unknown method"
+    if provenance.get("variant"):
+        method = f"{method} ({provenance['variant']})"
     ckpt = record["features"].get("checkpoint") or {}
     backbone = (run.backbone if run else None) or backbone_label((ckpt.get("backbone") or {}).get("name")) or "?"
-    group = f"run:{run.run_dir}" if run else f"record:{path}"
+    # One provenance group per trained checkpoint: a run folder trained again (a new recipe) is another group.
+    group = f"run:{run.run_dir}:{ckpt.get('fingerprint')}" if run else f"record:{path}"
     rows = []
     for r in record["results"]:
         rows.append(Row(section=section, label=method, backbone=backbone, head=record["head"]["name"],
@@ -308,7 +311,8 @@ def format_acc(mean: float | None, ci95: float | None) -> str:
 
 
 def _order_key(row: Row) -> tuple:
-    method_rank = METHOD_ORDER.index(row.label) if row.label in METHOD_ORDER else len(METHOD_ORDER)
+    method = row.label.split(" (")[0]  # a recipe variant, "s2m2_r (crop 0.35)", sorts with its method
+    method_rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     head_rank = HEAD_ORDER.index(row.head) if row.head in HEAD_ORDER else len(HEAD_ORDER)
     return (row.reference, method_rank, row.label, row.backbone, head_rank, row.head)
 
@@ -363,13 +367,23 @@ def _columns(rows: list[Row]) -> list[tuple[int, int]]:
     return sorted({(r.ways, r.shots) for r in rows})
 
 
+def series_names(rows: list[Row]) -> dict[int, str]:
+    """{id(row): plot label}: the row's label, plus its backbone where one label has rows of several
+    backbones (e.g. one method trained with two recipes), so the plots never merge two runs into one bar."""
+    backbones: dict[str, set[str]] = {}
+    for r in rows:
+        backbones.setdefault(r.label, set()).add(r.backbone)
+    return {id(r): r.label if len(backbones[r.label]) == 1 else f"{r.label}\n{r.backbone}" for r in rows}
+
+
 def plot_by_method(rows: list[Row], title: str, path: Path) -> Path:
     """Grouped bars: one group per method (or reference), one bar per head, CI as error bars; one panel per
     (ways, shots)."""
     from matplotlib.figure import Figure
 
     columns = _columns(rows)
-    labels = list(dict.fromkeys(r.label for r in sorted(rows, key=_order_key)))
+    names = series_names(rows)
+    labels = list(dict.fromkeys(names[id(r)] for r in sorted(rows, key=_order_key)))
     heads = list(dict.fromkeys(r.head for r in sorted(rows, key=_order_key)))
     width = 0.8 / max(len(heads), 1)
     fig = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 3.2 * len(columns)), layout="constrained")
@@ -378,7 +392,7 @@ def plot_by_method(rows: list[Row], title: str, path: Path) -> Path:
         for h, head in enumerate(heads):
             xs, ys, errs = [], [], []
             for i, label in enumerate(labels):
-                match = [r for r in rows if (r.label, r.head, r.ways, r.shots) == (label, head, ways, shots)
+                match = [r for r in rows if (names[id(r)], r.head, r.ways, r.shots) == (label, head, ways, shots)
                          and r.mean is not None]
                 if match:
                     xs.append(i + (h - (len(heads) - 1) / 2) * width)
@@ -399,13 +413,14 @@ def plot_by_shots(rows: list[Row], title: str, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     ways_list = sorted({r.ways for r in rows})
+    names = series_names(rows)
     fig = Figure(figsize=(7, 3.6 * len(ways_list)), layout="constrained")
     axes = fig.subplots(len(ways_list), 1, squeeze=False)[:, 0]
     for ax, ways in zip(axes, ways_list):
         series: dict[tuple[str, str, bool], list[Row]] = {}
         for r in sorted(rows, key=_order_key):
             if r.ways == ways and r.mean is not None:
-                series.setdefault((r.label, r.head, r.reference), []).append(r)
+                series.setdefault((names[id(r)].replace("\n", ", "), r.head, r.reference), []).append(r)
         for (label, head, reference), items in series.items():
             items.sort(key=lambda r: r.shots)
             ax.errorbar([r.shots for r in items], [r.mean for r in items], yerr=[r.ci95 or 0 for r in items],
@@ -552,10 +567,10 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
         raise ReportError(f"no result records in {', '.join(map(str, inputs))}")
     base = out.parent
     rows: list[Row] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for path in paths:
         record = load_record(path)
-        identity = record.get("archived_from") or str(path.resolve())
+        identity = record_identity(record, path)
         if identity in seen:
             continue  # the same record given twice (e.g. the original and its archived copy)
         seen.add(identity)
@@ -606,22 +621,30 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
 def training_curves(rows: list[Row], section: str, plots_dir: Path) -> list[tuple[str, Path]]:
     """The runs' ``curves_*.png`` (from ``s2m2.plots``), copied beside the report's plots: [(label, png)].
 
-    A run folder that is gone (a report rebuilt from archived records) keeps the copies made earlier.
+    A run folder that is gone (a report rebuilt from archived records), or that now holds another training
+    (its checkpoint is not the one the record evaluated: the folder was trained again), keeps the copies made
+    earlier. Copies are named by the plots' series name, so two trainings of one method do not share a file.
     """
+    from s2m2.checkpoint import file_fingerprint
+
     out, done = [], set()
+    names = series_names(rows)
     for row in sorted(rows, key=_order_key):
         run = row.details.get("run") if not row.reference else None
-        if run is None or run.run_dir in done:
+        if run is None or row.group in done:
             continue
-        done.add(run.run_dir)
+        done.add(row.group)
+        checkpoint = (row.details["record"].get("features") or {}).get("checkpoint") or {}
+        used = Path(run.run_dir) / Path(checkpoint.get("path") or "best.pt").name
+        same_training = used.is_file() and file_fingerprint(used) == checkpoint.get("fingerprint")
         for name in ("curves_training.png", "curves_validation.png"):
-            copy = plots_dir / f"{slug(section)}_{slug(row.label)}_{name}"
+            copy = plots_dir / f"{slug(section)}_{slug(names[id(row)])}_{name}"
             source = Path(run.run_dir) / name
-            if source.is_file():
+            if same_training and source.is_file():
                 data = source.read_bytes()
                 atomic_write(copy, lambda f: f.write(data))
             if copy.is_file():
-                out.append((row.label, copy))
+                out.append((names[id(row)].replace("\n", ", "), copy))
     return out
 
 
@@ -638,8 +661,27 @@ def archive_record(record: dict[str, Any], path: Path, archive: Path) -> Path:
     compact["run"] = asdict(run) if run else None
     compact["archived_from"] = str(path.resolve())
     target = archive / f"{slug(section_of(record))}-{path.stem}.json"
+    existing = read_json_or_none(target)
+    if existing is not None and record_identity(existing, target) != record_identity(compact, path):
+        # Another record already archived under this name (the same file path re-run with a new recipe, or two
+        # ablation folders with the same record names): keep both, this one named by its creation time.
+        stamp = re.sub(r"[^0-9TZ]", "", str(record.get("created", "")))
+        target = archive / f"{slug(section_of(record))}-{path.stem}-{stamp}.json"
     atomic_write_json(target, compact)
     return target
+
+
+def record_identity(record: dict[str, Any], path: Path) -> tuple[str, str]:
+    """Which evaluation a record (or an archived copy of it) is: its original path and creation time. The path
+    alone is not enough: rerunning an ablation writes a new record to the same path."""
+    return record.get("archived_from") or str(Path(path).resolve()), str(record.get("created"))
+
+
+def read_json_or_none(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
     scripts/ablation.py --dataset cifar-fs --budget-minutes 30 [--out checkpoints/ablation/cifar-fs]
                         [--methods baseline rotation ...] [--episodes 10000] [--data data/cifar-fs]
                         [--source ../shared/data/cifar100/cifar-100-python.tar.gz] [--set key=value ...]
+                        [--variant LABEL]
 
 Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m2.cli``):
 
@@ -10,7 +11,8 @@ Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m
 2. ``s2m2 train``     each method from ``configs/<dataset>/budget/<method>.yaml`` with
                       ``schedule.budget_minutes`` set. Resumable: a method whose ``summary.json`` says it
                       ended (finished, early_stop, budget, max_steps, diverged) is skipped; an interrupted
-                      one continues with ``--resume auto``;
+                      one continues with ``--resume auto``; an ended run whose saved config differs from
+                      the recipe now (the recipe was edited since) is refused, not reported as the new one;
 3. ``s2m2 features``  of the novel split (``best.pt`` if the run validated, else ``last.pt``; recorded);
 4. ``s2m2 evaluate``  5-way 1- and 5-shot, ``--episodes`` episodes, 15 queries, seed 0, heads logreg, cosine
                       and ncm -> ``OUT/records/<method>-<head>.json`` (skipped when a record of the same
@@ -119,6 +121,11 @@ def train(method: str, config: Path, run: Path, data: Path, budget: float, overr
     """Train one method to its budget unless its run already ended; returns how it ended."""
     summary = read_json(run / "summary.json") or {}
     if summary.get("stopped") in ENDED:
+        changed = recipe_changes(config, run, data, budget, overrides)
+        if changed:
+            raise AblationError(f"{run} ended, but it was trained with a different recipe than {config} "
+                                f"(differs in {', '.join(changed)}), so its results are not this recipe's; move "
+                                f"the folder away (or pass another --out) to train it again")
         recorded = summary.get("budget_minutes")
         note = "" if recorded in (None, budget) else f" (WARNING: trained with a {recorded}-min budget, not {budget})"
         print(f"train {method}: already ended ({summary['stopped']}, {summary.get('epochs')} epochs), skipped{note}")
@@ -141,6 +148,25 @@ def train(method: str, config: Path, run: Path, data: Path, budget: float, overr
     return summary.get("stopped", "unknown")
 
 
+def recipe_changes(config: Path, run: Path, data: Path, budget: float, overrides: list[str]) -> list[str]:
+    """Config keys where the run's saved ``config.yaml`` differs from what ``config`` + overrides give now.
+
+    runtime.* (where and how it ran), data.root (the same data under another path) and the budget (warned
+    about separately) do not count. A run folder without config.yaml (made before it was saved) is not checked.
+    """
+    saved = run / "config.yaml"
+    if not saved.is_file() or not config.is_file():
+        return []
+    import yaml
+
+    from s2m2.config import config_diff, load_config
+
+    now_cfg = load_config(config, [f"data.root={data}", f"schedule.budget_minutes={budget:g}", *overrides])
+    then = yaml.safe_load(saved.read_text())
+    return [key for key in config_diff(then, now_cfg.to_dict())
+            if not key.startswith("runtime.") and key not in ("data.root", "schedule.budget_minutes")]
+
+
 def same_record(record_path: Path, fingerprint: str, episodes: int) -> bool:
     """True when ``record_path`` already holds this checkpoint's evaluation with this many episodes."""
     record = read_json(record_path)
@@ -160,8 +186,9 @@ def checkpoint_of(run: Path) -> Path:
 
 
 def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int, heads: list[str],
-                    hardware: dict, train_log: Path) -> list[Path]:
-    """Features of the novel split, then one record per head (skipped when already there)."""
+                    hardware: dict, train_log: Path, variant: str | None = None) -> list[Path]:
+    """Features of the novel split, then one record per head (skipped when already there; its ``variant``
+    label is still brought up to date)."""
     from s2m2.checkpoint import file_fingerprint
 
     checkpoint = checkpoint_of(run)
@@ -173,6 +200,8 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
         record = out / "records" / f"{method}-{head}.json"
         if same_record(record, fingerprint, episodes):
             print(f"evaluate {method} {head}: record of this checkpoint exists, skipped ({record})")
+            if ((read_json(record) or {}).get("provenance") or {}).get("variant") != variant:
+                add_provenance(record, variant=variant)
             records.append(record)
             continue
         if features_step is None:
@@ -189,7 +218,7 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
                        f"({'best validation epoch' if checkpoint.name == 'best.pt' else 'last state: no validation'})",
                        commands={"train": read_steps(train_log), "features": features_step.command,
                                  "evaluate": step.command},
-                       hardware=hardware, date=now(), added_by="scripts/ablation.py")
+                       hardware=hardware, date=now(), added_by="scripts/ablation.py", variant=variant)
         records.append(record)
     return records
 
@@ -263,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=Path, help="budget recipes folder (default: configs/<dataset>/budget)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `s2m2 train --set` override for every method (e.g. smoke tests)")
+    p.add_argument("--variant", help="label for the records of a recipe variant (e.g. the --set values), shown "
+                   "beside the method name in the report: 's2m2_r (crop 0.35)'")
     p.add_argument("--cub-source", type=Path, default=REPO.parent / "shared" / "data" / "cub_sample")
     p.add_argument("--cub-data", type=Path, default=REPO / "data" / "cub-sample")
     p.add_argument("--no-cross-domain", action="store_true")
@@ -296,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             if not any(run.glob("curves_*.png")):
                 from s2m2.plots import plot_run
                 plot_run(run)  # the trainer draws them at the end of fit; this covers runs made before that
-            evaluate_method(method, run, data, out, args.episodes, args.heads, hardware, log)
+            evaluate_method(method, run, data, out, args.episodes, args.heads, hardware, log, args.variant)
         if not args.no_cross_domain:
             best = best_method(out / "records", args.methods)
             if best is None:

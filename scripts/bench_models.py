@@ -1,9 +1,11 @@
 """Model benchmark (fp32, CPU): our WRN-28-10 vs an independent functional re-implementation of the
-release's forward (tests/release_reference.py), and per-backbone training steps. Variants are timed
-interleaved in one run after a warm-up; the minimum over rounds is reported.
+release's forward (tests/release_reference.py), per-backbone training steps, and the Conv-4 budget recipes'
+memory layout (contiguous vs channels_last, a full Adam step at batch 64). Variants are timed interleaved in
+one run after a warm-up; the minimum over rounds is reported.
 
-    .venv/bin/python scripts/bench_models.py
+    .venv/bin/python scripts/bench_models.py [--only conv4-layout]
 """
+import argparse
 import sys
 import tempfile
 import time
@@ -26,6 +28,43 @@ def interleaved(variants, rounds):
         for name, fn in (items if r % 2 == 0 else items[::-1]):
             t = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t)
     return {name: min(v) for name, v in times.items()}
+
+
+def conv4_layout(rounds: int = 5, steps: int = 30) -> None:
+    """Conv-4 (64 ch) training step, batch 64, at the budget recipes' sizes: contiguous vs channels_last."""
+    import torch.nn.functional as F
+    for size, kwargs in ((28, {}), (32, {"pool": "flatten", "input_size": 32})):
+        x = torch.randn(64, 3, size, size)
+        y = torch.randint(0, 64, (64,))
+        variants = {}
+        for layout in ("contiguous", "channels_last"):
+            torch.manual_seed(0)
+            model = create_backbone("conv4", **kwargs).train()
+            head = torch.nn.Linear(model.feature_dim, 64)
+            opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
+            xb = x
+            if layout == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
+                xb = x.contiguous(memory_format=torch.channels_last)
+
+            def run(model=model, head=head, opt=opt, xb=xb):
+                for _ in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(head(model(xb)), y).backward()
+                    opt.step()
+            variants[layout] = run
+        t = interleaved(variants, rounds)
+        ms = {k: 1000 * v / (steps * 64) for k, v in t.items()}
+        print(f"Conv-4 {kwargs or 'avg'} train step (Adam) 64x{size}x{size}, {torch.get_num_threads()} threads "
+              f"(min of {rounds}): contiguous {ms['contiguous']:.3f} ms/img, channels_last "
+              f"{ms['channels_last']:.3f} ms/img (ratio {ms['channels_last'] / ms['contiguous']:.2f})")
+
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--only", choices=["conv4-layout"], help="run one section")
+if parser.parse_args().only == "conv4-layout":
+    conv4_layout()
+    sys.exit(0)
 
 torch.manual_seed(0)
 wrn = create_backbone("wrn28_10").eval()
@@ -58,3 +97,4 @@ for name, kw, size in [("resnet12", {}, 80), ("resnet18", {}, 32), ("conv4", {},
     m = create_backbone(name, **kw).train(); xb = torch.randn(64, 3, size, size)
     t = interleaved({"s": lambda: m(xb).square().mean().backward()}, 2)["s"]
     print(f"{name} {kw} train fwd+bwd 64x{size}x{size}: {t:.2f}s = {64 / t:.0f} img/s")
+conv4_layout()

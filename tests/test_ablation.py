@@ -107,3 +107,61 @@ def test_ablation_train_skips_ended_runs_and_resumes_interrupted_ones(tmp_path, 
         assert train() == []                                              # ended: skipped
     (run / "summary.json").write_text(json.dumps({"stopped": "budget", "epochs": 3, "budget_minutes": 10.0}))
     assert train() == [] and "WARNING: trained with a 10.0-min budget, not 30.0" in capsys.readouterr().out
+
+
+def test_ablation_refuses_an_ended_run_trained_with_another_recipe(tmp_path, monkeypatch):
+    import pytest
+    import yaml
+
+    from s2m2.config import load_config
+
+    ablation = load_ablation_module()
+    calls = []
+    monkeypatch.setattr(ablation, "s2m2", lambda argv, log=None: calls.append(argv) or ablation.Step(
+        command=" ".join(argv), date="now", exit=0, seconds=0.0))
+    config, run, data = tmp_path / "s2m2_r.yaml", tmp_path / "run", tmp_path / "data"
+    config.write_text("method: {name: s2m2_r, mixup_alpha: 2.0}\n")
+    run.mkdir()
+    # What the trainer saved: the recipe as it was, another data path and out_dir (those may differ).
+    saved = load_config(config, ["data.root=/elsewhere/cifar-fs", "schedule.budget_minutes=30",
+                                 "runtime.out_dir=/elsewhere/run"]).to_dict()
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "summary.json").write_text(json.dumps({"stopped": "budget", "epochs": 3, "budget_minutes": 30.0}))
+
+    def train(overrides=()):
+        calls.clear()
+        return ablation.train("s2m2_r", config, run, data, 30.0, list(overrides), tmp_path / "log.jsonl")
+
+    assert train() == "budget" and calls == []                           # same recipe: skipped
+    config.write_text("method: {name: s2m2_r, mixup_alpha: 0.5}\n")         # the recipe changed since
+    with pytest.raises(ablation.AblationError, match=r"differs in method\.mixup_alpha.*move the folder away"):
+        train()
+    config.write_text("method: {name: s2m2_r, mixup_alpha: 2.0}\n")
+    with pytest.raises(ablation.AblationError, match=r"differs in optim\.lr"):
+        train(["optim.lr=0.5"])                                          # an override changes it too
+    assert calls == []
+
+
+def test_ablation_variant_label_reaches_records_that_already_exist(tmp_path, monkeypatch):
+    """`--variant` on a rerun relabels the records it skips (same checkpoint, same protocol), evaluating nothing."""
+    from s2m2.checkpoint import file_fingerprint
+
+    ablation = load_ablation_module()
+    monkeypatch.setattr(ablation, "s2m2", lambda argv, log=None: pytest_fail(argv))
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"checkpoint")
+    record = out / "records" / "s2m2_r-ncm.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({
+        "format": "s2m2-evaluation", "head": {"name": "ncm"}, "results": [{"episodes": 10}],
+        "features": {"checkpoint": {"fingerprint": file_fingerprint(run / "best.pt")}},
+        "provenance": {"method": "s2m2_r", "date": "D"}}))
+    for variant in ("crop_scale 0.35-1", None):
+        assert ablation.evaluate_method("s2m2_r", run, tmp_path / "data", out, 10, ["ncm"], {}, tmp_path / "log",
+                                        variant) == [record]
+        assert json.loads(record.read_text())["provenance"] == {"method": "s2m2_r", "date": "D", "variant": variant}
+
+
+def pytest_fail(argv):
+    raise AssertionError(f"nothing should run, got {argv}")

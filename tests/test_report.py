@@ -174,7 +174,15 @@ def test_plot_run_without_validation_or_with_one_epoch(tmp_path):
 def test_report_shows_each_runs_training_curves_and_keeps_them_after_the_run_is_gone(records, tmp_path):
     from s2m2.plots import plot_run
 
-    plot_run(tmp_path / "runs" / "s2m2_r")
+    from s2m2.checkpoint import file_fingerprint
+
+    run = tmp_path / "runs" / "s2m2_r"
+    plot_run(run)
+    (run / "best.pt").write_bytes(b"the evaluated checkpoint")
+    for head in ("logreg", "ncm"):  # the records evaluated that checkpoint
+        record = json.loads((records / f"s2m2_r-{head}.json").read_text())
+        record["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
+        (records / f"s2m2_r-{head}.json").write_text(json.dumps(record))
     out, plots = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results"
     md = build_report([records], out, plots, archive=tmp_path / "archive").markdown
     curves = re.findall(r"!\[s2m2_r: ([^\]]+)\]\(([^)]+)\)", md)
@@ -182,7 +190,61 @@ def test_report_shows_each_runs_training_curves_and_keeps_them_after_the_run_is_
                                             "cifar-fs-novel-classes_s2m2-r_curves_validation"]
     assert all(is_png(out.parent / target) for _, target in curves)
     assert "baseline: " not in md   # the baseline run has no plots, so no links
+    # The folder trained again (another checkpoint, other curves): the copies of the evaluated run stay.
+    copied = (out.parent / curves[0][1]).read_bytes()
+    (run / "best.pt").write_bytes(b"a later training")
+    (run / "curves_training.png").write_bytes(b"not these")
+    build_report([records], out, plots)
+    assert (out.parent / curves[0][1]).read_bytes() == copied
     import shutil
     shutil.rmtree(tmp_path / "runs")
     again = build_report([tmp_path / "archive"], out, plots).markdown
     assert re.findall(r"!\[s2m2_r: ([^\]]+)\]\(([^)]+)\)", again) == curves
+
+
+def test_variant_label_and_two_recipes_of_one_method_stay_apart(tmp_path):
+    """A recipe variant (scripts/ablation.py --variant) is named in the table, and one method trained with two
+    backbones gives two plot series, not one bar showing whichever record came first."""
+    from s2m2.report import find_records, rows_of, series_names
+
+    recs = tmp_path / "records"
+    recs.mkdir()
+    v1 = make_run(tmp_path / "v1", "s2m2_r")
+    v2 = make_run(tmp_path / "v2", "s2m2_r")
+    (v2 / "config.yaml").write_text((v2 / "config.yaml").read_text().replace("width: 32", "width: 32\n    pool: flatten"))
+    make_record(recs / "v1.json", v1, "s2m2_r", "logreg", {1: 50.0, 5: 70.0})
+    make_record(recs / "v2.json", v2, "s2m2_r", "logreg", {1: 52.0, 5: 71.0})
+    make_record(recs / "crop.json", v2, "s2m2_r", "logreg", {1: 58.0, 5: 75.0},
+                provenance={"method": "s2m2_r", "variant": "crop 0.35"})
+    md = build_report([recs], tmp_path / "r.md", tmp_path / "plots").markdown
+    labels = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:]
+    assert sorted(labels) == ["s2m2_r", "s2m2_r", "s2m2_r (crop 0.35)"]
+    rows = [row for path in find_records([recs]) for row in rows_of(load_record(path), path, str(path))]
+    names = series_names(rows)
+    by_mean = {r.mean: names[id(r)] for r in rows}
+    assert by_mean[50.0] == "s2m2_r\nconv4 (width=32)" and by_mean[52.0] == "s2m2_r\nconv4 (width=32, pool=flatten)"
+    assert by_mean[58.0] == "s2m2_r (crop 0.35)"  # the only row of its label: no backbone needed
+
+
+def test_rerun_record_at_the_same_path_is_archived_beside_the_old_one(records, tmp_path):
+    """An ablation re-run with a new recipe writes its record to the same path as the old one: archiving must
+    keep both (the old copy is history the report still shows), while the original and its own archived copy
+    given together still count once."""
+    archive = tmp_path / "archive"
+    first = build_report([records], tmp_path / "a.md", tmp_path / "p", archive=archive)
+    assert sum("61.23 ± 0.46" in line for line in first.markdown.splitlines() if line.startswith("| ")) == 1
+    again = build_report([records, archive], tmp_path / "a.md", tmp_path / "p", archive=archive)
+    assert len(again.rows) == len(first.rows)                      # original + its archived copy: once
+    old = json.loads((records / "s2m2_r-logreg.json").read_text())
+    new = make_record(records / "s2m2_r-logreg.json", tmp_path / "runs" / "s2m2_r", "s2m2_r", "logreg",
+                      {1: 66.6, 5: 82.2}, provenance=old["provenance"])
+    record = json.loads(new.read_text())
+    record["created"] = "2026-02-03T04:05:06Z"
+    record["features"]["checkpoint"]["fingerprint"] = "1" * 16   # the run folder was trained again
+    new.write_text(json.dumps(record))
+    both = build_report([records, archive], tmp_path / "a.md", tmp_path / "p", archive=archive)
+    table = [line for line in both.markdown.splitlines() if line.startswith("| s2m2_r ")]
+    assert any("61.23 ± 0.46" in line for line in table) and any("66.60 ± 0.46" in line for line in table)
+    names = sorted(p.name for p in archive.glob("*s2m2_r-logreg*.json"))
+    assert names == ["cifar-fs-novel-classes-s2m2_r-logreg-20260203T040506Z.json",
+                     "cifar-fs-novel-classes-s2m2_r-logreg.json"]
