@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end_with_both_heads(tmp_path):
     report = (out / "report.md").read_text()
     assert "| s2m2_r |" in report and "| ncm |" in report and "| logreg |" in report
     # The closing table: one line per protocol, both heads, the target verdict per head.
-    table = done.stdout[done.stdout.index("logreg accuracy (%)"):]
+    table = done.stdout[done.stdout.rindex("ways shots  logreg accuracy (%)"):]
     line_5w1s = next(line for line in table.splitlines() if line.split()[:2] == ["5", "1"])
     assert ">= 96: logreg " in line_5w1s and ", ncm " in line_5w1s
     assert len([line for line in table.splitlines()[1:] if line.strip()]) == 4
