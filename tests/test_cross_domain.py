@@ -116,3 +116,21 @@ def test_ctrl_c_after_extraction_says_the_features_cache_was_kept(make_prepared,
     assert capsys.readouterr().err == (f"s2m2 cross-domain: interrupted; kept the features cache {feats}; "
                                        f"no results written\n")
     assert load_features(feats)["features"].shape == (30, 8) and not out.exists()
+
+
+def test_interrupt_hook_fires_in_a_background_job_where_sigint_starts_ignored(monkeypatch):
+    """`cmd &` / nohup start Python with SIGINT ignored; the test hook must still deliver a real Ctrl-C there
+    (the Ctrl-C tests failed under nohup before)."""
+    import signal
+
+    import pytest
+
+    from s2m2.cli import TEST_SIGINT_ENV, interrupt_point
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setenv(TEST_SIGINT_ENV, "heads")
+        with pytest.raises(KeyboardInterrupt):
+            interrupt_point("heads")
+    finally:
+        signal.signal(signal.SIGINT, previous)
