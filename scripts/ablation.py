@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s2m2.report import add_provenance, dataset_title, hardware_info  # noqa: E402
+from s2m2.report import add_provenance, dataset_title, hardware_info, read_json_or_none  # noqa: E402
 
 METHODS = ("baseline", "baseline++", "rotation", "exemplar", "manifold_mixup", "s2m2_r", "s2m2_e")
 HEADS = ("logreg", "cosine", "ncm")
@@ -97,13 +97,6 @@ def read_steps(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def prepare(dataset: str, source: Path, data: Path, log: Path) -> None:
     """``s2m2 prepare`` unless ``data`` is already a prepared folder."""
     if (data / "meta.json").is_file():
@@ -119,7 +112,7 @@ def prepare(dataset: str, source: Path, data: Path, log: Path) -> None:
 def train(method: str, config: Path, run: Path, data: Path, budget: float, overrides: list[str],
           log: Path) -> str:
     """Train one method to its budget unless its run already ended; returns how it ended."""
-    summary = read_json(run / "summary.json") or {}
+    summary = read_json_or_none(run / "summary.json") or {}
     if summary.get("stopped") in ENDED:
         changed = recipe_changes(config, run, data, budget, overrides)
         if changed:
@@ -139,7 +132,7 @@ def train(method: str, config: Path, run: Path, data: Path, budget: float, overr
     if (run / "last.pt").is_file():
         argv += ["--resume", "auto"]  # an interrupted run continues where its last checkpoint left it
     step = s2m2(argv, log)
-    summary = read_json(run / "summary.json") or {}
+    summary = read_json_or_none(run / "summary.json") or {}
     if step.exit == 2:
         raise AblationError(f"`{step.command}` failed (exit 2: bad config, data or checkpoint)")
     if step.exit:
@@ -169,7 +162,7 @@ def recipe_changes(config: Path, run: Path, data: Path, budget: float, overrides
 
 def same_record(record_path: Path, fingerprint: str, episodes: int) -> bool:
     """True when ``record_path`` already holds this checkpoint's evaluation with this many episodes."""
-    record = read_json(record_path)
+    record = read_json_or_none(record_path)
     if not record or record.get("format") not in ("s2m2-evaluation", "s2m2-cross-domain"):
         return False
     ckpt = (record.get("features") or {}).get("checkpoint") or {}
@@ -200,7 +193,7 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
         record = out / "records" / f"{method}-{head}.json"
         if same_record(record, fingerprint, episodes):
             print(f"evaluate {method} {head}: record of this checkpoint exists, skipped ({record})")
-            if ((read_json(record) or {}).get("provenance") or {}).get("variant") != variant:
+            if ((read_json_or_none(record) or {}).get("provenance") or {}).get("variant") != variant:
                 add_provenance(record, variant=variant)
             records.append(record)
             continue
@@ -227,7 +220,7 @@ def best_method(records_dir: Path, methods: list[str]) -> str | None:
     """The method with the highest novel 5-way 5-shot logreg accuracy."""
     scores = {}
     for method in methods:
-        record = read_json(records_dir / f"{method}-logreg.json") or {}
+        record = read_json_or_none(records_dir / f"{method}-logreg.json") or {}
         for r in record.get("results", []):
             if r.get("ways") == 5 and r.get("shots") == 5 and "mean" in r:
                 scores[method] = r["mean"]
@@ -275,8 +268,8 @@ def cross_domain(method: str, run: Path, cub_source: Path, cub: Path, out: Path,
 
 def reference_records(directory: Path, dataset: str) -> list[str]:
     """The shipped reference records (paper, public baselines) of this dataset."""
-    return [str(p) for p in sorted(directory.glob("*.json"))
-            if (read_json(p) or {}).get("format") == "s2m2-reference" and read_json(p).get("dataset") == dataset]
+    records = {p: read_json_or_none(p) or {} for p in sorted(directory.glob("*.json"))}
+    return [str(p) for p, r in records.items() if r.get("format") == "s2m2-reference" and r.get("dataset") == dataset]
 
 
 def build_parser() -> argparse.ArgumentParser:
