@@ -17,7 +17,9 @@ reported as not recorded.
 Output: one section per dataset (cross-domain separately), each with a table (rows: method x head; columns:
 ways x shots, mean +- 95% CI), the protocol, the training budget, links to the record and the run's
 provenance, two plots (accuracy by method with CI bars; accuracy by shots), and a generated statement of
-what differs from the reference rows. ``--archive`` keeps compact copies of the measured records (without
+what differs from the reference rows. Where a reference names the method of each row (the paper's ablation:
+``"method": "s2m2_r"``), a generated check says whether its order of methods holds in the measured rows, per
+recipe (variant, backbone, budget), head and column. ``--archive`` keeps compact copies of the measured records (without
 per-episode accuracies, with the run information embedded) so the report can be rebuilt from the repository.
 """
 
@@ -253,6 +255,8 @@ class Row:
     record_path: str      # where the report links (archived copy when archived)
     group: str            # provenance group: one per run (measured) or per reference record
     details: dict[str, Any] = field(default_factory=dict)
+    method: str | None = None   # the training method (a reference row's "method" key), for the order check
+    recipe: str | None = None   # measured rows: variant, backbone and budget; rows of one recipe are compared
 
 
 def dataset_title(name: str | None) -> str:
@@ -273,6 +277,16 @@ def section_of(record: dict[str, Any]) -> str:
     return f"{dataset_title(dataset.get('name'))} ({dataset.get('split', '?')} classes)"
 
 
+def head_label(record: dict[str, Any]) -> str:
+    """The head, with the feature transforms applied before it (``s2m2 evaluate --power/--center/--l2``): a
+    record evaluated on transformed features must not read like one on raw features."""
+    ft = record.get("feature_transform") or {}
+    parts = ([f"power {ft['power']:g}"] if ft.get("power") is not None else []) + \
+        (["centred"] if ft.get("center") else []) + (["L2"] if ft.get("l2") else [])
+    name = record["head"]["name"]
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
 def rows_of(record: dict[str, Any], path: Path, link: str) -> list[Row]:
     """The rows a record contributes."""
     section = section_of(record)
@@ -282,24 +296,27 @@ def rows_of(record: dict[str, Any], path: Path, link: str) -> list[Row]:
                     head=r.get("head", "?"), ways=int(r["ways"]), shots=int(r["shots"]), mean=r.get("mean"),
                     ci95=r.get("ci95"), episodes=r.get("episodes"), queries=r.get("queries"), seed=r.get("seed"),
                     skipped=None, reference=True, record_path=link, group=group,
-                    details={"record": record})
+                    details={"record": record}, method=r.get("method"))
                 for r in record["rows"]]
     run = run_of_record(record)
     provenance = record.get("provenance") or {}
-    method = provenance.get("method") or (run.method if run else None) or "unknown method"
+    method = provenance.get("method") or (run.method if run else None)
+    label = method or "unknown method"
     if provenance.get("variant"):
-        method = f"{method} ({provenance['variant']})"
+        label = f"{label} ({provenance['variant']})"
     ckpt = record["features"].get("checkpoint") or {}
     backbone = (run.backbone if run else None) or backbone_label((ckpt.get("backbone") or {}).get("name")) or "?"
+    budget = f"{run.budget_minutes:g} min" if run and run.budget_minutes is not None else "no budget"
+    recipe = "; ".join(filter(None, (provenance.get("variant"), backbone, budget)))
     # One provenance group per trained checkpoint: a run folder trained again (a new recipe) is another group.
     group = f"run:{run.run_dir}:{ckpt.get('fingerprint')}" if run else f"record:{path}"
     rows = []
     for r in record["results"]:
-        rows.append(Row(section=section, label=method, backbone=backbone, head=record["head"]["name"],
+        rows.append(Row(section=section, label=label, backbone=backbone, head=head_label(record),
                         ways=int(r["ways"]), shots=int(r["shots"]), mean=r.get("mean"), ci95=r.get("ci95"),
                         episodes=r.get("episodes"), queries=r.get("queries"), seed=r.get("seed"),
                         skipped=r.get("skipped"), reference=False, record_path=link, group=group,
-                        details={"record": record, "run": run, "path": str(path)}))
+                        details={"record": record, "run": run, "path": str(path)}, method=method, recipe=recipe))
     return rows
 
 
@@ -504,6 +521,54 @@ def differences(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _differ(a: Row, b: Row) -> bool:
+    """Whether two independent means differ beyond the 95% CI of their difference, sqrt(ci_a^2 + ci_b^2).
+    Unpaired, hence conservative: the rows of one ablation share their episodes (same seed)."""
+    return abs(a.mean - b.mean) > ((a.ci95 or 0.0) ** 2 + (b.ci95 or 0.0) ** 2) ** 0.5
+
+
+def order_check(rows: list[Row]) -> list[str]:
+    """Does the reference's order of methods (the paper's ablation) hold in the measured rows? Generated per
+    recipe, head and (ways, shots): the measured order, then each pair of methods adjacent in the reference's
+    order (among those measured) marked holds / tie (within the CI of the difference) / reversed."""
+    reference: dict[tuple[int, int], dict[str, Row]] = {}
+    for r in rows:
+        if r.reference and r.method and r.mean is not None:
+            reference.setdefault((r.ways, r.shots), {})[r.method] = r
+    measured: dict[tuple[str, str, int, int], dict[str, Row]] = {}
+    for r in sorted(rows, key=lambda r: str(r.details.get("record", {}).get("created"))):
+        if not r.reference and r.method and r.mean is not None and not r.skipped:
+            measured.setdefault((r.recipe or "", r.head, r.ways, r.shots), {})[r.method] = r  # newest wins
+    lines = []
+    for (recipe, head, ways, shots), by_method in measured.items():
+        paper = reference.get((ways, shots), {})
+        paper_order = [m for m in sorted(paper, key=lambda m: -paper[m].mean) if m in by_method]
+        if len(by_method) < 2 or len(paper_order) < 2:
+            continue
+        ranked = sorted(by_method.values(), key=lambda r: -r.mean)
+        chain = f"{ranked[0].method} {ranked[0].mean:.2f}"
+        for above, below in zip(ranked, ranked[1:]):
+            chain += f" {'>' if _differ(above, below) else '≈'} {below.method} {below.mean:.2f}"
+        verdicts = []
+        for hi, lo in zip(paper_order, paper_order[1:]):
+            a, b = by_method[hi], by_method[lo]
+            verdict = "tie" if not _differ(a, b) else "holds" if a.mean > b.mean else "reversed"
+            verdicts.append(f"{hi} > {lo}: {verdict}")
+        held = sum(v.endswith("holds") for v in verdicts)
+        lines.append(f"| {recipe} | {head} | {ways}-way {shots}-shot | {chain} | "
+                     f"{held} of {len(verdicts)} hold: {'; '.join(verdicts)} |")
+    if not lines:
+        return []
+    label = next(iter(next(iter(reference.values())).values())).details["record"]["label"]
+    orders = {" > ".join(sorted(p, key=lambda m: -p[m].mean)) for p in reference.values() if len(p) > 1}
+    return ["### Does the reference's order of methods hold here? (generated)", "",
+            f"{label}: {' | '.join(sorted(orders))}. Below, per recipe, head and column: the measured order "
+            "(`≈`: the two means differ by less than the 95% CI of their difference, sqrt(ci1² + ci2²), unpaired "
+            "and so conservative), and each pair of methods adjacent in the reference's order (among those "
+            "measured) marked holds, tie or reversed.", "",
+            "| recipe | head | column | measured order | reference's pairs |", "|---|---|---|---|---|", *lines]
+
+
 def provenance_lines(group: str, name: str, rows: list[Row], base: Path) -> list[str]:
     """The run's (or reference's) provenance: commands, config, budget, hardware, date."""
     first = rows[0]
@@ -608,6 +673,9 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
                    "marked), drawn by `s2m2.plots` in each run's folder:", ""]
             md += [f"![{label}: {png.stem}]({_rel(png, base)})" for label, png in curves]
             plots += [png for _, png in curves]
+        order = order_check(section_rows)
+        if order:
+            md += [""] + order
         diff = differences(section_rows)
         if diff:
             md += [""] + diff

@@ -248,3 +248,42 @@ def test_rerun_record_at_the_same_path_is_archived_beside_the_old_one(records, t
     names = sorted(p.name for p in archive.glob("*s2m2_r-logreg*.json"))
     assert names == ["cifar-fs-novel-classes-s2m2_r-logreg-20260203T040506Z.json",
                      "cifar-fs-novel-classes-s2m2_r-logreg.json"]
+
+
+def test_order_check_states_whether_the_papers_order_holds_per_recipe_head_and_column(tmp_path):
+    """The generated answer to "does the paper's ordering hold?": measured order with ties marked by the CI of
+    the difference, and each pair adjacent in the paper's order marked holds / tie / reversed; another recipe
+    (a --variant) is never ranked against this one."""
+    recs = tmp_path / "records"
+    recs.mkdir()
+    means = {"s2m2_r": {1: 60.0, 5: 70.0}, "rotation": {1: 55.0, 5: 72.0},
+             "manifold_mixup": {1: 55.3, 5: 69.0}, "baseline++": {1: 50.0, 5: 60.0}}
+    for method, by_shots in means.items():
+        make_record(recs / f"{method}.json", make_run(tmp_path, method), method, "logreg", by_shots)
+    make_record(recs / "variant.json", tmp_path / "runs" / "s2m2_r", "s2m2_r", "logreg", {1: 99.0, 5: 99.0},
+                provenance={"method": "s2m2_r", "variant": "crop 0.35"})
+    md = build_report([recs, REPO / "docs/results/reference/paper_s2m2_wrn28_10_cifarfs.json"], tmp_path / "r.md",
+                      tmp_path / "plots").markdown
+    assert "s2m2_r > rotation > manifold_mixup > baseline++" in md      # the paper's order, from its numbers
+    rows = {line.split("|")[3].strip(): line for line in md.splitlines()
+            if line.startswith("| conv4 (width=32); 30 min | logreg |")}
+    assert set(rows) == {"5-way 1-shot", "5-way 5-shot"}
+    one = rows["5-way 1-shot"]
+    # 55.3 vs 55.0 with CIs of 0.456 each: the difference's CI is 0.645, so a tie
+    assert "s2m2_r 60.00 > manifold_mixup 55.30 ≈ rotation 55.00 > baseline++ 50.00" in one
+    assert "2 of 3 hold: s2m2_r > rotation: holds; rotation > manifold_mixup: tie; manifold_mixup > baseline++: holds" in one
+    five = rows["5-way 5-shot"]
+    assert "rotation 72.00 > s2m2_r 70.00 > manifold_mixup 69.00 > baseline++ 60.00" in five
+    assert "s2m2_r > rotation: reversed" in five and "rotation > manifold_mixup: holds" in five
+    assert "crop 0.35" not in "".join(line for line in md.splitlines() if "hold:" in line)  # alone in its recipe
+
+
+def test_rows_on_transformed_features_name_the_transform_in_the_head(records, tmp_path):
+    """`s2m2 evaluate --power 0.5 --center --l2` evaluates other features than the plain record of the same
+    checkpoint: its row must say so instead of reading as a second, different result of the same head."""
+    make_record(records / "s2m2_r-ncm-transformed.json", tmp_path / "runs" / "s2m2_r", "s2m2_r", "ncm",
+                {1: 57.0, 5: 77.0}, feature_transform={"power": 0.5, "center": True, "l2": True})
+    md = build_report([records], tmp_path / "r.md", tmp_path / "p").markdown
+    heads = {line.split("|")[3].strip(): line for line in md.splitlines() if line.startswith("| s2m2_r |")}
+    assert set(heads) == {"logreg", "ncm", "ncm (power 0.5, centred, L2)"}
+    assert "57.00 ± 0.46" in heads["ncm (power 0.5, centred, L2)"] and "59.00 ± 0.46" in heads["ncm"]
