@@ -532,9 +532,11 @@ def order_check(rows: list[Row]) -> list[str]:
     recipe, head and (ways, shots): the measured order, then each pair of methods adjacent in the reference's
     order (among those measured) marked holds / tie (within the CI of the difference) / reversed."""
     reference: dict[tuple[int, int], dict[str, Row]] = {}
+    reference_label = ""
     for r in rows:
         if r.reference and r.method and r.mean is not None:
             reference.setdefault((r.ways, r.shots), {})[r.method] = r
+            reference_label = r.details["record"]["label"]
     measured: dict[tuple[str, str, int, int], dict[str, Row]] = {}
     for r in sorted(rows, key=lambda r: str(r.details.get("record", {}).get("created"))):
         if not r.reference and r.method and r.mean is not None and not r.skipped:
@@ -549,20 +551,17 @@ def order_check(rows: list[Row]) -> list[str]:
         chain = f"{ranked[0].method} {ranked[0].mean:.2f}"
         for above, below in zip(ranked, ranked[1:]):
             chain += f" {'>' if _differ(above, below) else '≈'} {below.method} {below.mean:.2f}"
-        verdicts = []
-        for hi, lo in zip(paper_order, paper_order[1:]):
-            a, b = by_method[hi], by_method[lo]
-            verdict = "tie" if not _differ(a, b) else "holds" if a.mean > b.mean else "reversed"
-            verdicts.append(f"{hi} > {lo}: {verdict}")
-        held = sum(v.endswith("holds") for v in verdicts)
-        lines.append(f"| {recipe} | {head} | {ways}-way {shots}-shot | {chain} | "
-                     f"{held} of {len(verdicts)} hold: {'; '.join(verdicts)} |")
+        verdicts = {(hi, lo): "tie" if not _differ(by_method[hi], by_method[lo])
+                    else "holds" if by_method[hi].mean > by_method[lo].mean else "reversed"
+                    for hi, lo in zip(paper_order, paper_order[1:])}
+        pairs = "; ".join(f"{hi} > {lo}: {verdict}" for (hi, lo), verdict in verdicts.items())
+        held = list(verdicts.values()).count("holds")
+        lines.append(f"| {recipe} | {head} | {ways}-way {shots}-shot | {chain} | {held} of {len(verdicts)} hold: {pairs} |")
     if not lines:
         return []
-    label = next(iter(next(iter(reference.values())).values())).details["record"]["label"]
     orders = {" > ".join(sorted(p, key=lambda m: -p[m].mean)) for p in reference.values() if len(p) > 1}
     return ["### Does the reference's order of methods hold here? (generated)", "",
-            f"{label}: {' | '.join(sorted(orders))}. Below, per recipe, head and column: the measured order "
+            f"{reference_label}: {' | '.join(sorted(orders))}. Below, per recipe, head and column: the measured order "
             "(`≈`: the two means differ by less than the 95% CI of their difference, sqrt(ci1² + ci2²), unpaired "
             "and so conservative), and each pair of methods adjacent in the reference's order (among those "
             "measured) marked holds, tie or reversed.", "",
