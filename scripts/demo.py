@@ -1,9 +1,11 @@
 """`make demo`: the whole S2M2 pipeline on the Omniglot copy that ships in data_prep/demo/.
 
 1. prepare   the official-zip-layout Omniglot (all 1623 characters, 28x28) -> a prepared folder (Vinyals split)
-2. train     S2M2_R on the 1028 base characters within a wall-clock budget: a rotation phase, then
-             Manifold Mixup + rotation (Conv-4, CPU; configs/omniglot/budget/s2m2_r.yaml)
-3. features  of the 423 novel characters with the best validation checkpoint
+2. train     S2M2_R on the 1,200 base + val characters (as Prototypical Networks trained) within a
+             wall-clock budget: a rotation phase, then Manifold Mixup + rotation (Conv-4, CPU;
+             configs/omniglot/budget/s2m2_r.yaml)
+3. features  of the 423 novel characters with the final checkpoint (best validation one if the config
+             validates)
 4. evaluate  5-way and 20-way, 1- and 5-shot episodes with the logistic-regression and nearest-class-mean
              heads, 95% CIs
 5. report    a Markdown table (with provenance) and plots in the run folder; the training curves are there too
