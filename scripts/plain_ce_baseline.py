@@ -5,7 +5,7 @@
 
 Why it exists: our CIFAR-FS baseline trails the public easyfsl cross-entropy baseline at the same 30-minute
 budget (docs/results.md). This script asks whether that gap is in our trainer. It uses none of the s2m2
-data, model, training or evaluation code; only ``s2m2.report.hardware_info`` labels the record. Everything
+data, model, training or evaluation code; only s2m2's helpers that label and write the record. Everything
 is the textbook recipe easyfsl describes:
 
 * Conv-4 (64 channels, BatchNorm, ReLU, 2x2 max-pool) flattened to 256-d features, with a linear head.
@@ -23,9 +23,7 @@ machine; the record states the time it took.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -37,6 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
+
+from s2m2.report import hardware_info, hardware_label  # label the record only
+from s2m2.utils import atomic_write_json  # temporary file + rename: never a half-written record
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -96,14 +97,6 @@ def ncm_accuracies(features: torch.Tensor, labels: torch.Tensor, ways: int, shot
         predicted = torch.cdist(torch.cat(query), torch.stack(prototypes)).argmin(1)
         accuracies[e] = 100.0 * (predicted == truth).float().mean().item()
     return accuracies
-
-
-def write_atomic(path: Path, record: dict) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: never a half-written record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,9 +168,6 @@ def main(argv: list[str] | None = None) -> None:
                      "mean": round(mean, 2), "ci95": round(ci95, 2), "episodes": args.episodes,
                      "queries": args.queries, "seed": args.seed})
 
-    from s2m2.report import hardware_info  # labels the record only
-    hardware = hardware_info()
-    hardware_text = f"{hardware['cpu']}, {hardware['cores']} cores, torch {hardware['torch']}"
     record = {
         "format": "s2m2-reference", "format_version": 1,
         "label": "plain PyTorch cross-entropy baseline (independent of s2m2's trainer)",
@@ -192,13 +182,13 @@ def main(argv: list[str] | None = None) -> None:
             "training": (f"cross-entropy, SGD lr {args.lr} momentum 0.9 weight decay {args.weight_decay}, per-step "
                          f"cosine, batch {args.batch}, crop area ({args.crop_min}, 1), jitter 0.4, flip; "
                          f"{args.epochs} epochs, {seen / 1e6:.2f} M images, {train_minutes:.1f} min"),
-            "hardware": hardware_text,
+            "hardware": hardware_label(hardware_info()),
             "evaluation": (f"nearest class mean (Euclidean), resize 36 -> centre crop 32, {args.episodes} episodes, "
                            f"{args.queries} queries, seed {args.seed}"),
         },
         "rows": rows,
     }
-    write_atomic(args.out, record)
+    atomic_write_json(args.out, record, indent=1)
     print(f"wrote {args.out}")
 
 
