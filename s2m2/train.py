@@ -84,24 +84,53 @@ def check_ranks_agree(trainer) -> None:
             f"must see the same OUT/last.pt -- put --out on a filesystem shared by all nodes")
 
 
+def _fit(config, resume: str | None) -> tuple[dict, bool]:
+    """Train; return (run summary, whether this is the main rank). The Trainer -- and with it the DDP
+    wrapper, which holds the process group -- lives only in this frame, so ``_end_distributed`` can free
+    the group once it returns."""
+    from s2m2.trainer import Trainer
+
+    trainer = Trainer(config, config.runtime.out_dir, resume=resume)
+    check_ranks_agree(trainer)
+    summary = trainer.fit()
+    if trainer.rt.distributed:
+        # Every rank done before any tears its process group down, so no rank exits while a peer still
+        # waits on it in a collective.
+        import torch.distributed as dist
+        dist.barrier()
+    return summary, trainer.rt.is_main
+
+
+def _end_distributed() -> None:
+    """Free the process group -- and with it gloo's worker threads -- before the interpreter shuts down.
+
+    A gloo worker thread that drops the last reference to a finished collective's tensors takes the GIL to
+    do it; if that happens while the interpreter is finalizing, Python ends the thread with pthread_exit,
+    which unwinds through a noexcept C++ frame: "terminate called without an active exception" and SIGABRT
+    in a worker whose run had finished (3-5 of 20 two-process CPU runs under load, before this; gdb:
+    ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> decref -> take_gil -> PyThread_exit_thread). Once
+    nothing holds the group (``_fit`` has returned, so the Trainer and its DDP wrapper are gone, and
+    s2m2.trainer.setup_runtime keeps torch._dynamo from holding it), ``destroy_process_group`` drops the
+    last reference and the group's destructor joins the threads here, with the GIL released.
+    """
+    import gc
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        gc.collect()  # reference cycles through the Trainer would otherwise keep the DDP wrapper alive
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from s2m2.trainer import Trainer, TrainingDiverged, TrainingError
+    from s2m2.trainer import TrainingDiverged, TrainingError
 
     resume = elastic_resume(args.resume)
     try:
         config = load_config(args.config, args.overrides)
         if args.out:
             config.runtime.out_dir = args.out
-        trainer = Trainer(config, config.runtime.out_dir, resume=resume)
-        check_ranks_agree(trainer)
-        summary = trainer.fit()
-        if trainer.rt.distributed:
-            # Every rank done before any tears its process group down: a rank that destroys (and exits)
-            # while a peer is still finishing has been seen to abort the peer ("terminate called without
-            # an active exception") with gloo, failing a finished run.
-            import torch.distributed as dist
-            dist.barrier()
+        summary, is_main = _fit(config, resume)
     except TrainingDiverged as err:
         print(f"s2m2 train: {err}", file=sys.stderr)
         return 1
@@ -116,17 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s2m2 train: error: {err}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if trainer.rt.is_main:
+        _end_distributed()
+    if is_main:
         best = summary["best"]
         best_text = (f"best val {best['val_acc']:.2f} +- {best['val_ci95']:.2f}% at epoch {best['epoch']}"
                      if best else "no validation")
         print(f"s2m2 train: {summary['stopped']} after {summary['epochs']} epochs / {summary['steps']} steps; "
               f"{best_text}; outputs in {summary['out_dir']}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

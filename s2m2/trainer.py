@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -215,6 +216,12 @@ def setup_runtime(config: TrainConfig) -> Runtime:
             raise TrainingError(f"runtime.device={rc.device!r} but CUDA is not available")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        # DDP imports torch._dynamo on construction. Imported after the process group exists, torch._dynamo
+        # keeps ~10 references to the default group, so destroy_process_group cannot free it and gloo's
+        # worker threads outlive s2m2.train.main: one still releasing a finished collective when the
+        # interpreter shuts down aborts the finished worker (see s2m2.train._end_distributed). Imported
+        # first, it holds none, and tearing the group down joins the threads.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     precision = rc.precision
     if precision == "auto":

@@ -8,6 +8,11 @@ training step (1-based, counted over the whole run: the first attempt starts fro
 is the global step). It writes ``S2M2_TEST_KILL_MARKER`` first, so the test can tell that it really died.
 SIGKILL, not an exception: nothing in the process gets to clean up, as with a pre-empted node or the OOM
 killer. Restarted attempts (count > 0) run unmodified -- exactly ``s2m2.train.main``.
+
+After ``main`` returns, every worker prints the names of its threads that are still alive
+(``THREADS_LINE`` + comma-separated names, from /proc/self/task; Linux only). ``main`` must have freed the
+process group by then: gloo worker threads ("pt_gloo_runloop", "gloo_tcp_loop") still running when the
+interpreter finalizes can abort a finished worker (see s2m2.train._end_distributed).
 """
 
 from __future__ import annotations
@@ -45,7 +50,29 @@ def install_kill_hook() -> None:
         objectives.STEPS[name] = wrap(objectives.STEPS[name])
 
 
+THREADS_LINE = "elastic worker: threads alive after main: "
+
+
+def thread_names() -> list[str] | None:
+    """Names of this process's threads (None where /proc/self/task does not exist)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return None
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended while we listed
+            pass
+    return sorted(names)
+
+
 if __name__ == "__main__":
     install_kill_hook()
     from s2m2.train import main
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    names = thread_names()
+    if names is not None:
+        print(THREADS_LINE + ",".join(names), file=sys.stderr, flush=True)
+    sys.exit(code)
