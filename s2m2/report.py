@@ -726,14 +726,18 @@ def archive_record(record: dict[str, Any], path: Path, archive: Path) -> Path:
             checkpoint.pop("accuracies", None)
     run = run_of_record(record)
     compact["run"] = asdict(run) if run else None
-    compact["archived_from"] = str(path.resolve())
-    target = archive / f"{slug(section_of(record))}-{path.stem}.json"
+    # A copy of an archived copy (moving an archive) keeps its name and its original path: prefixing the
+    # section again would grow the name on every move (past the file system's 255 bytes for cross-domain).
+    already_archived = "archived_from" in record
+    compact["archived_from"] = record["archived_from"] if already_archived else str(path.resolve())
+    name = path.stem if already_archived else f"{slug(section_of(record))}-{path.stem}"
+    target = archive / f"{name}.json"
     existing = read_json_or_none(target)
     if existing is not None and record_identity(existing, target) != record_identity(compact, path):
         # Another record already archived under this name (the same file path re-run with a new recipe, or two
         # ablation folders with the same record names): keep both, this one named by its creation time.
         stamp = re.sub(r"[^0-9TZ]", "", str(record.get("created", "")))
-        target = archive / f"{slug(section_of(record))}-{path.stem}-{stamp}.json"
+        target = archive / f"{name}-{stamp}.json"
     atomic_write_json(target, compact)
     return target
 

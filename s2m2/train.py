@@ -110,14 +110,14 @@ def _end_distributed() -> None:
     in a worker whose run had finished (3-5 of 20 two-process CPU runs under load, before this; gdb:
     ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> decref -> take_gil -> PyThread_exit_thread). Once
     nothing holds the group (``_fit`` has returned, so the Trainer and its DDP wrapper are gone, and
-    s2m2.trainer.setup_runtime keeps torch._dynamo from holding it), ``destroy_process_group`` drops the
+    s2m2.trainer.init_process_group keeps torch._dynamo from holding it), ``destroy_process_group`` drops the
     last reference and the group's destructor joins the threads here, with the GIL released.
     """
     import gc
     import torch.distributed as dist
 
     if dist.is_initialized():
-        gc.collect()  # reference cycles through the Trainer would otherwise keep the DDP wrapper alive
+        gc.collect()  # in case reference cycles through the Trainer still hold the DDP wrapper
         dist.destroy_process_group()
 
 

@@ -199,6 +199,18 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """``torch.distributed.init_process_group`` that lets ``destroy_process_group`` free the group later.
+
+    DDP imports torch._dynamo on construction. Imported after the group exists, torch._dynamo (torch 2.14.1)
+    keeps ~10 references to it, so destroy_process_group cannot free it and gloo's worker threads outlive
+    the run: one still releasing a finished collective when the interpreter shuts down aborts the finished
+    worker (s2m2.train._end_distributed has the details). Imported first, it holds none.
+    """
+    importlib.import_module("torch._dynamo")
+    dist.init_process_group(backend=backend, **kwargs)
+
+
 def setup_runtime(config: TrainConfig) -> Runtime:
     """Device, precision and (under torchrun: WORLD_SIZE > 1) the process group."""
     rc = config.runtime
@@ -216,13 +228,7 @@ def setup_runtime(config: TrainConfig) -> Runtime:
             raise TrainingError(f"runtime.device={rc.device!r} but CUDA is not available")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        # DDP imports torch._dynamo on construction. Imported after the process group exists, torch._dynamo
-        # keeps ~10 references to the default group, so destroy_process_group cannot free it and gloo's
-        # worker threads outlive s2m2.train.main: one still releasing a finished collective when the
-        # interpreter shuts down aborts the finished worker (see s2m2.train._end_distributed). Imported
-        # first, it holds none, and tearing the group down joins the threads.
-        importlib.import_module("torch._dynamo")
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     precision = rc.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"

@@ -582,6 +582,7 @@ def probe_data(world: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _ddp_worker(rank: int, world: int, port: int, settings: dict, out_dir: str, use_cuda: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from s2m2.trainer import init_process_group
 
     s = Settings(**settings)
     device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
@@ -589,8 +590,8 @@ def _ddp_worker(rank: int, world: int, port: int, settings: dict, out_dir: str, 
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False  # exactness check: no TF32 rounding
         torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                       rank=rank, world_size=world)
     result: dict[str, Any] = {}
     try:
         # 1. equivalence: DDP on the rank's contiguous slice == one device on the global batch

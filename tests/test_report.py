@@ -121,6 +121,23 @@ def test_report_rebuilds_from_archived_records(records, tmp_path):
     assert rows(first) == rows(second)
 
 
+def test_archive_moved_to_another_folder_keeps_names_and_origin(records, tmp_path):
+    """Archiving archived copies elsewhere copies them under the same names, still pointing at the original
+    records (not at the first archive), and the report from the new archive has the same rows."""
+    out = tmp_path / "a.md"
+    first = build_report([records], out, tmp_path / "p", archive=tmp_path / "archive").markdown
+    build_report([tmp_path / "archive"], out, tmp_path / "p", archive=tmp_path / "moved")
+    names = lambda folder: sorted(p.name for p in folder.glob("*.json"))  # noqa: E731
+    assert names(tmp_path / "moved") == names(tmp_path / "archive")
+    for path in (tmp_path / "moved").glob("*.json"):
+        original = json.loads((tmp_path / "archive" / path.name).read_text())["archived_from"]
+        assert json.loads(path.read_text())["archived_from"] == original
+        assert Path(original).parent == records.resolve()
+    second = build_report([tmp_path / "moved"], out, tmp_path / "p").markdown
+    rows = lambda md: sorted(line.rsplit("|", 2)[0] for line in md.splitlines() if line.startswith("| "))  # noqa: E731
+    assert rows(first) == rows(second)
+
+
 def test_report_command_writes_markdown_and_pngs(records, tmp_path, capsys):
     out = tmp_path / "r.md"
     assert main([str(records), "--out", str(out)]) == 0
