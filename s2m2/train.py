@@ -153,3 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s2m2 train: {summary['stopped']} after {summary['epochs']} epochs / {summary['steps']} steps; "
               f"{best_text}; outputs in {summary['out_dir']}", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
