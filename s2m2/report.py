@@ -335,7 +335,9 @@ def _order_key(row: Row) -> tuple:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+    """A file-name and anchor-safe form of ``text``. "+" is spelled out: dropped, "baseline++" would share
+    "baseline"'s plot files, and the second copied would overwrite the first."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("+", " plus ")).strip("-") or "section"
 
 
 def _unique(values, missing: str = "?") -> str:
@@ -478,8 +480,8 @@ def section_table(rows: list[Row], groups: dict[str, str], base: Path) -> list[s
                 accs.append("skipped (data too small)")
             else:
                 accs.append(format_acc(match[0].mean, match[0].ci95))
-        episodes = _unique(f"{r.episodes:,}" if isinstance(r.episodes, int) else r.episodes
-                           for r in cells if not r.skipped)
+        episodes = _unique((f"{r.episodes:,}" if isinstance(r.episodes, int) else r.episodes
+                            for r in cells if not r.skipped), "not stated" if first.reference else "?")
         protocol = (f"{_unique((r.queries for r in cells), 'n/a')} queries, "
                     f"seed {_unique((r.seed for r in cells), 'n/a')}")
         if first.reference:

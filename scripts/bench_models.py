@@ -1,9 +1,10 @@
 """Model benchmark (fp32, CPU): our WRN-28-10 vs an independent functional re-implementation of the
 release's forward (tests/release_reference.py), per-backbone training steps, and the Conv-4 budget recipes'
-memory layout (contiguous vs channels_last, a full Adam step at batch 64). Variants are timed interleaved in
-one run after a warm-up; the minimum over rounds is reported.
+memory layout (contiguous vs channels_last, a full Adam step at batch 64) and the CIFAR-FS budget recipes'
+Conv-4 width schedules (per-block widths at 32 px). Variants are timed interleaved in one run after a
+warm-up; the minimum over rounds is reported.
 
-    .venv/bin/python scripts/bench_models.py [--only conv4-layout]
+    .venv/bin/python scripts/bench_models.py [--only conv4-layout | --only conv4-widths]
 """
 import argparse
 import sys
@@ -60,10 +61,53 @@ def conv4_layout(rounds: int = 5, steps: int = 30) -> None:
               f"{ms['channels_last']:.3f} ms/img (ratio {ms['channels_last'] / ms['contiguous']:.2f})")
 
 
+# The Conv-4 width schedules tried by the CIFAR-FS budget recipes (docs/training.md, "Width where it is cheap").
+CONV4_WIDTHS = {"64 (ablation)": 64, "96": 96, "48-96-192-384 (best recipe)": [48, 96, 192, 384],
+                "32-64-192-512": [32, 64, 192, 512], "32-64-128-256": [32, 64, 128, 256],
+                "64-128-256-512": [64, 128, 256, 512], "96-192-384-512 (R2D2's)": [96, 192, 384, 512]}
+
+
+def conv4_widths(rounds: int = 4, steps: int = 20) -> None:
+    """Adam training step, batch 64, 32 px, flatten features, channels_last: ms per image for each schedule, and
+    the forward FLOPs per image (torch.utils.flop_counter: convolutions and matmuls)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 64, (64,))
+    variants, sizes = {}, {}
+    for name, width in CONV4_WIDTHS.items():
+        torch.manual_seed(0)
+        model = create_backbone("conv4", width=width, pool="flatten", input_size=32).train()
+        model = model.to(memory_format=torch.channels_last)
+        head = torch.nn.Linear(model.feature_dim, 64)
+        opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
+
+        def run(model=model, head=head, opt=opt):
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(head(model(x)), y).backward()
+                opt.step()
+        variants[name] = run
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x[:1])
+        sizes[name] = (sum(p.numel() for p in model.parameters()), model.feature_dim, counter.get_total_flops())
+    t = interleaved(variants, rounds)
+    base = t["64 (ablation)"]
+    print(f"Conv-4 width schedules, Adam step 64x32x32, flatten, channels_last, {torch.get_num_threads()} threads "
+          f"(min of {rounds}):")
+    for name, seconds in t.items():
+        params, dim, flops = sizes[name]
+        ms = 1000 * seconds / (steps * 64)
+        print(f"  {name:28s} {params / 1e6:5.2f} M params, {dim:5d}-d features, {flops / 1e6:6.1f} MFLOP/img "
+              f"forward: {ms:.3f} ms/img "
+              f"({1000 / ms:,.0f} img/s, {seconds / base:.2f}x width 64)")
+
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", choices=["conv4-layout"], help="run one section")
-if parser.parse_args().only == "conv4-layout":
-    conv4_layout()
+parser.add_argument("--only", choices=["conv4-layout", "conv4-widths"], help="run one section")
+only = parser.parse_args().only
+if only:
+    {"conv4-layout": conv4_layout, "conv4-widths": conv4_widths}[only]()
     sys.exit(0)
 
 torch.manual_seed(0)
@@ -98,3 +142,4 @@ for name, kw, size in [("resnet12", {}, 80), ("resnet18", {}, 32), ("conv4", {},
     t = interleaved({"s": lambda: m(xb).square().mean().backward()}, 2)["s"]
     print(f"{name} {kw} train fwd+bwd 64x{size}x{size}: {t:.2f}s = {64 / t:.0f} img/s")
 conv4_layout()
+conv4_widths()

@@ -178,6 +178,21 @@ def test_resnet12_and_conv4_details():
     assert create_backbone("conv4", pool="flatten", input_size=28).feature_dim == 64
 
 
+def test_conv4_per_block_widths():
+    """``width=[a, b, c, d]`` builds blocks of those widths; the feature size follows the last block."""
+    pyramid = create_backbone("conv4", width=[8, 12, 16, 24], pool="flatten", input_size=32).eval()
+    assert [stage[0].out_channels for stage in pyramid.stages] == [8, 12, 16, 24]
+    assert [stage[0].in_channels for stage in pyramid.stages] == [3, 8, 12, 16]
+    assert pyramid.feature_dim == 24 * 2 * 2
+    with torch.no_grad():
+        assert pyramid(torch.randn(2, 3, 32, 32)).shape == (2, 96)
+    assert create_backbone("conv4", width=[8, 12, 16, 24]).feature_dim == 24  # average-pooled
+    assert [stage[0].out_channels for stage in create_backbone("conv4", width=16).stages] == [16] * 4
+    for bad in ([8, 12, 16], [8, 12, 16, 0]):
+        with pytest.raises(ValueError, match="4 positive ints"):
+            create_backbone("conv4", width=bad)
+
+
 def test_backbones_train_backward():
     """Gradients reach the first layer of every backbone (train mode, mixup at the last point)."""
     for name, kwargs in [("wrn", {"depth": 10, "widen": 1}), ("resnet12", {"widths": (8, 8, 8, 8)}),

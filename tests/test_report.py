@@ -304,3 +304,25 @@ def test_rows_on_transformed_features_name_the_transform_in_the_head(records, tm
     heads = {line.split("|")[3].strip(): line for line in md.splitlines() if line.startswith("| s2m2_r |")}
     assert set(heads) == {"logreg", "ncm", "ncm (power 0.5, centred, L2)"}
     assert "57.00 ± 0.46" in heads["ncm (power 0.5, centred, L2)"] and "59.00 ± 0.46" in heads["ncm"]
+
+
+def test_baseline_and_baseline_plus_plus_curves_get_their_own_files(tmp_path):
+    """Plot copies are named by a slug of the series: "baseline++" must not collapse onto "baseline"."""
+    from s2m2.checkpoint import file_fingerprint
+
+    recs = tmp_path / "records"
+    recs.mkdir()
+    for method in ("baseline", "baseline++"):
+        run = make_run(tmp_path, method)
+        plot_run(run)
+        (run / "best.pt").write_bytes(method.encode())
+        make_record(recs / f"{method}.json", run, method, "ncm", {1: 50.0, 5: 70.0})
+        record = json.loads((recs / f"{method}.json").read_text())
+        record["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
+        (recs / f"{method}.json").write_text(json.dumps(record))
+    md = build_report([recs], tmp_path / "r.md", tmp_path / "plots").markdown
+    targets = re.findall(r"!\[(baseline\+*): [^\]]+\]\(([^)]+_curves_training\.png)\)", md)
+    assert sorted(method for method, _ in targets) == ["baseline", "baseline++"]
+    assert len({target for _, target in targets}) == 2
+    for method, target in targets:  # each file holds its own run's curves
+        assert (tmp_path / target).read_bytes() == (tmp_path / "runs" / method / TRAINING_PNG).read_bytes()

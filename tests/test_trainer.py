@@ -291,3 +291,22 @@ def test_paper_configs_load_and_start_with_wrn28_10(dataset, make_prepared, tmp_
     assert code == 0
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["backbone"]["name"] == "wrn28_10" and ckpt["phase"] == "phase1"
+
+
+BUDGET = sorted(p for p in (REPO / "configs").glob("*/budget/**/*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("path", BUDGET, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_budget_recipes_load_and_build_their_model(path):
+    """Every budget recipe (configs/<dataset>/budget/, and the best-recipe folders below it) loads through its
+    `defaults` chain, names its method by its file name, ends at a wall-clock budget, and builds a model that
+    takes an image of its crop size."""
+    from s2m2.trainer import build_model
+
+    config = load_config(path)
+    assert config.method.name == path.stem
+    assert config.schedule.budget_minutes and config.schedule.lr_schedule == "cosine"
+    model, _ = build_model(config, num_classes=5, method=config.method.name)
+    with torch.no_grad():  # grayscale datasets are fed as 3 channels too (s2m2.data)
+        features = model.backbone.eval()(torch.zeros(2, 3, config.data.crop_size, config.data.crop_size))
+    assert features.shape == (2, model.backbone.feature_dim)

@@ -8,6 +8,8 @@ Mixup points: input, after each of the four blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -41,19 +43,26 @@ def _conv_block(in_planes: int, out_planes: int) -> nn.Sequential:
 class Conv4(Backbone):
     """``forward(x (B, 3, H, W), mix_spec=None) -> (B, feature_dim)``.
 
-    ``pool="avg"``: feature_dim = ``width``; ``pool="flatten"``: feature_dim = ``width * s * s`` with
-    ``s = input_size // 16`` (four floor-halvings), and inputs must be ``input_size`` pixels.
+    ``width``: one channel count for every block (the classic Conv-4), or one per block, e.g.
+    ``[64, 96, 128, 256]``: the 16x16 second block costs most of the FLOPs, so widening only the later,
+    smaller maps buys capacity cheaply. With ``c`` the last block's width, ``pool="avg"``: feature_dim =
+    ``c``; ``pool="flatten"``: feature_dim = ``c * s * s`` with ``s = input_size // 2**depth`` (floor-halvings),
+    and inputs must be ``input_size`` pixels.
     """
 
-    def __init__(self, width: int = 64, depth: int = 4, pool: str = "avg", input_size: int | None = None):
+    def __init__(self, width: int | Sequence[int] = 64, depth: int = 4, pool: str = "avg",
+                 input_size: int | None = None):
         super().__init__()
         if pool not in ("avg", "flatten"):
             raise ValueError(f"Conv-4 pool must be 'avg' or 'flatten', got {pool!r}")
+        widths = [int(width)] * depth if isinstance(width, int) else [int(w) for w in width]
+        if len(widths) != depth or min(widths) < 1:
+            raise ValueError(f"Conv-4 width must be a positive int or {depth} positive ints, got {width!r}")
         self.stem = nn.Identity()
-        self.stages = nn.ModuleList([_conv_block(3 if i == 0 else width, width) for i in range(depth)])
+        self.stages = nn.ModuleList([_conv_block(c_in, c_out) for c_in, c_out in zip([3] + widths[:-1], widths)])
         if pool == "avg":
             self.tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            self.feature_dim = width
+            self.feature_dim = widths[-1]
         else:
             if input_size is None:
                 raise ValueError("Conv-4 with pool='flatten' needs input_size to know its feature size")
@@ -63,7 +72,7 @@ class Conv4(Backbone):
             if side < 1:
                 raise ValueError(f"input_size {input_size} is too small for {depth} max-pools")
             self.tail = FlattenExact(side)
-            self.feature_dim = width * side * side
+            self.feature_dim = widths[-1] * side * side
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -71,5 +80,5 @@ class Conv4(Backbone):
 
 
 @register_backbone("conv4")
-def conv4(width: int = 64, pool: str = "avg", input_size: int | None = None) -> Conv4:
+def conv4(width: int | Sequence[int] = 64, pool: str = "avg", input_size: int | None = None) -> Conv4:
     return Conv4(width=width, depth=4, pool=pool, input_size=input_size)
