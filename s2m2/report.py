@@ -388,11 +388,27 @@ def _columns(rows: list[Row]) -> list[tuple[int, int]]:
 
 def series_names(rows: list[Row]) -> dict[int, str]:
     """{id(row): plot label}: the row's label, plus its backbone where one label has rows of several
-    backbones (e.g. one method trained with two recipes), so the plots never merge two runs into one bar."""
+    backbones (e.g. one method trained with two recipes), plus the CPU (or else a run number) where one
+    label and backbone still has several runs (the same recipe run on two machines), so the plots never
+    merge two runs into one bar and two runs never share a curves file."""
     backbones: dict[str, set[str]] = {}
     for r in rows:
         backbones.setdefault(r.label, set()).add(r.backbone)
-    return {id(r): r.label if len(backbones[r.label]) == 1 else f"{r.label}\n{r.backbone}" for r in rows}
+    base = {id(r): r.label if len(backbones[r.label]) == 1 else f"{r.label}\n{r.backbone}" for r in rows}
+    runs: dict[str, dict[str, str]] = {}  # base name -> {run group: its CPU}
+    for r in sorted(rows, key=_order_key):
+        hardware = ((r.details.get("record") or {}).get("provenance") or {}).get("hardware") or {}
+        runs.setdefault(base[id(r)], {}).setdefault(r.group, str(hardware.get("cpu", "")))
+    names = {}
+    for r in rows:
+        groups = runs[base[id(r)]]
+        if len(groups) == 1:
+            names[id(r)] = base[id(r)]
+        elif len(set(groups.values())) == len(groups) and all(groups.values()):
+            names[id(r)] = f"{base[id(r)]}\n{groups[r.group]}"
+        else:
+            names[id(r)] = f"{base[id(r)]}\nrun {list(groups).index(r.group) + 1}"
+    return names
 
 
 def plot_by_method(rows: list[Row], title: str, path: Path) -> Path:

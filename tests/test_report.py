@@ -326,3 +326,34 @@ def test_baseline_and_baseline_plus_plus_curves_get_their_own_files(tmp_path):
     assert len({target for _, target in targets}) == 2
     for method, target in targets:  # each file holds its own run's curves
         assert (tmp_path / target).read_bytes() == (tmp_path / "runs" / method / TRAINING_PNG).read_bytes()
+
+
+def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path):
+    """The same method and backbone run twice (the demo on two machines) must not share a bar or a curves
+    file: the series name adds the CPU, or a run number when the CPUs are the same."""
+    from s2m2.checkpoint import file_fingerprint
+    from s2m2.report import find_records, rows_of, series_names
+
+    for cpus in (("CPU A", "CPU B"), ("CPU A", "CPU A")):
+        root = tmp_path / "-".join(cpus).replace(" ", "")
+        recs = root / "records"
+        recs.mkdir(parents=True)
+        for i, cpu in enumerate(cpus):
+            run = make_run(root / f"host{i}", "s2m2_r", epochs=2 + i)
+            plot_run(run)
+            (run / "best.pt").write_bytes(f"run {i}".encode())
+            make_record(recs / f"r{i}.json", run, "s2m2_r", "ncm", {1: 90.0 + i, 5: 95.0},
+                        provenance={"method": "s2m2_r", "hardware": {"cpu": cpu, "cores": 2, "torch": "2.14.1"}})
+            record = json.loads((recs / f"r{i}.json").read_text())
+            record["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
+            (recs / f"r{i}.json").write_text(json.dumps(record))
+        rows = [row for path in find_records([recs]) for row in rows_of(load_record(path), path, str(path))]
+        names = {r.mean: series_names(rows)[id(r)] for r in rows if r.shots == 1}
+        expected = ({90.0: "s2m2_r\nCPU A", 91.0: "s2m2_r\nCPU B"} if cpus[0] != cpus[1]
+                    else {90.0: "s2m2_r\nrun 1", 91.0: "s2m2_r\nrun 2"})
+        assert names == expected
+        md = build_report([recs], root / "r.md", root / "plots").markdown
+        targets = re.findall(r"!\[s2m2_r[^\]]*\]\(([^)]+_curves_training\.png)\)", md)
+        assert len(set(targets)) == 2
+        assert {(root / t).read_bytes() for t in targets} == {
+            (root / f"host{i}" / "runs" / "s2m2_r" / TRAINING_PNG).read_bytes() for i in range(2)}
