@@ -65,6 +65,23 @@ def make_record(path: Path, run: Path, method: str, head: str, means: dict[int, 
     return path
 
 
+def make_plotted_run_and_record(root: Path, record: Path, method: str, means: dict[int, float], *, epochs=3,
+                                hardware=None) -> Path:
+    """A run folder with its curves PNGs and a checkpoint, and an ncm record that evaluated exactly that
+    checkpoint (so the report copies the run's curves)."""
+    from s2m2.checkpoint import file_fingerprint
+
+    run = make_run(root, method, epochs=epochs)
+    plot_run(run)
+    (run / "best.pt").write_bytes(f"{root}/{method}".encode())
+    provenance = {"provenance": {"method": method, "hardware": hardware}} if hardware else {}
+    make_record(record, run, method, "ncm", means, **provenance)
+    data = json.loads(record.read_text())
+    data["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
+    record.write_text(json.dumps(data))
+    return run
+
+
 @pytest.fixture
 def records(tmp_path):
     recs = tmp_path / "records"
@@ -308,18 +325,10 @@ def test_rows_on_transformed_features_name_the_transform_in_the_head(records, tm
 
 def test_baseline_and_baseline_plus_plus_curves_get_their_own_files(tmp_path):
     """Plot copies are named by a slug of the series: "baseline++" must not collapse onto "baseline"."""
-    from s2m2.checkpoint import file_fingerprint
-
     recs = tmp_path / "records"
     recs.mkdir()
     for method in ("baseline", "baseline++"):
-        run = make_run(tmp_path, method)
-        plot_run(run)
-        (run / "best.pt").write_bytes(method.encode())
-        make_record(recs / f"{method}.json", run, method, "ncm", {1: 50.0, 5: 70.0})
-        record = json.loads((recs / f"{method}.json").read_text())
-        record["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
-        (recs / f"{method}.json").write_text(json.dumps(record))
+        make_plotted_run_and_record(tmp_path, recs / f"{method}.json", method, {1: 50.0, 5: 70.0})
     md = build_report([recs], tmp_path / "r.md", tmp_path / "plots").markdown
     targets = re.findall(r"!\[(baseline\+*): [^\]]+\]\(([^)]+_curves_training\.png)\)", md)
     assert sorted(method for method, _ in targets) == ["baseline", "baseline++"]
@@ -331,7 +340,6 @@ def test_baseline_and_baseline_plus_plus_curves_get_their_own_files(tmp_path):
 def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path):
     """The same method and backbone run twice (the demo on two machines) must not share a bar or a curves
     file: the series name adds the CPU, or a run number when the CPUs are the same."""
-    from s2m2.checkpoint import file_fingerprint
     from s2m2.report import find_records, rows_of, series_names
 
     for cpus in (("CPU A", "CPU B"), ("CPU A", "CPU A")):
@@ -339,14 +347,8 @@ def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path):
         recs = root / "records"
         recs.mkdir(parents=True)
         for i, cpu in enumerate(cpus):
-            run = make_run(root / f"host{i}", "s2m2_r", epochs=2 + i)
-            plot_run(run)
-            (run / "best.pt").write_bytes(f"run {i}".encode())
-            make_record(recs / f"r{i}.json", run, "s2m2_r", "ncm", {1: 90.0 + i, 5: 95.0},
-                        provenance={"method": "s2m2_r", "hardware": {"cpu": cpu, "cores": 2, "torch": "2.14.1"}})
-            record = json.loads((recs / f"r{i}.json").read_text())
-            record["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
-            (recs / f"r{i}.json").write_text(json.dumps(record))
+            make_plotted_run_and_record(root / f"host{i}", recs / f"r{i}.json", "s2m2_r", {1: 90.0 + i, 5: 95.0},
+                                        epochs=2 + i, hardware={"cpu": cpu, "cores": 2, "torch": "2.14.1"})
         rows = [row for path in find_records([recs]) for row in rows_of(load_record(path), path, str(path))]
         names = {r.mean: series_names(rows)[id(r)] for r in rows if r.shots == 1}
         expected = ({90.0: "s2m2_r\nCPU A", 91.0: "s2m2_r\nCPU B"} if cpus[0] != cpus[1]
@@ -357,3 +359,12 @@ def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path):
         assert len(set(targets)) == 2
         assert {(root / t).read_bytes() for t in targets} == {
             (root / f"host{i}" / "runs" / "s2m2_r" / TRAINING_PNG).read_bytes() for i in range(2)}
+
+
+def test_reference_rows_without_an_episode_count_say_not_stated(tmp_path):
+    """A published table that gives no episode count is "not stated", not the "?" of a broken record."""
+    md = build_report([REPO / "docs/results/reference/published_conv4_cifarfs.json"], tmp_path / "r.md",
+                      tmp_path / "plots").markdown
+    row = next(line for line in md.splitlines() if line.startswith("| published: R2D2 (reference) |"))
+    assert "65.30 ± 0.20" in row and "79.40 ± 0.10" in row
+    assert row.split("|")[6].strip() == "not stated"
