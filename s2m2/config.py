@@ -61,6 +61,9 @@ class MethodConfig:
     mixup_alpha: float = 2.0             # lam ~ Beta(alpha, alpha), spec §4
     ss_weight: float = 0.5               # weight of the self-supervised loss (spec §5: 0.5*CE_cls + 0.5*CE_ss)
     exemplar_views: int = 4              # random augmentations per image for the exemplar loss (Eq. 14)
+    # s2m2_r/_e phase 2: the share of the batch whose 4 rotations (or views) give the self-supervised loss.
+    # The release's B/4 (spec §5) makes that pass cost as much as the mixup pass; budget recipes lower it.
+    ss_fraction: float = 0.25
     # Phase-1 -> phase-2 hand-off. Ours keeps the self-supervised head and the Adam state; the release
     # re-initialises the rotation head and starts a fresh Adam (spec §5, probably a bug).
     release_handoff: bool = False
@@ -344,6 +347,9 @@ def _validate_values(config: TrainConfig) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("method.mixup_alpha", config.method.mixup_alpha)
     _positive("method.ss_weight", config.method.ss_weight, allow_zero=True)
+    if not 0 < config.method.ss_fraction <= 1:
+        raise ConfigError(f"method.ss_fraction={config.method.ss_fraction} must be in (0, 1]: the share of the "
+                          "batch that gets the self-supervised loss in s2m2_r / s2m2_e phase 2")
     _positive("data.crop_size", d.crop_size)
     _positive("data.eval_resize", d.eval_resize)
     if d.eval_resize < d.crop_size:

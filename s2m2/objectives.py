@@ -21,9 +21,10 @@ Methods (spec §3-§5):
 - ``manifold_mixup``: one mixup point per batch (uniform over the backbone's points), lam ~ Beta(2, 2),
   one permutation; ``lam*CE(y) + (1-lam)*CE(y[perm])``.
 - ``s2m2_r`` / ``s2m2_e``: the mixup loss on the B augmented images (backward), then a random
-  ``max(1, B // 4)`` subset of the un-mixed batch expanded to 4 rotations (or exemplar views) gives
-  ``(1-w)*CE_class + w*CE_ss`` (backward); one optimizer step. ``max(1, .)``: the release computes B/4 and
-  crashes on a final batch smaller than 4.
+  ``max(1, floor(B * f))`` subset of the un-mixed batch expanded to 4 rotations (or exemplar views) gives
+  ``(1-w)*CE_class + w*CE_ss`` (backward); one optimizer step. f = ``method.ss_fraction`` = 1/4, the
+  release's B/4 (budget recipes take less: the 4 copies make that pass as costly as the mixup pass).
+  ``max(1, .)``: the release computes B/4 and crashes on a final batch smaller than 4.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class StepContext:
     mixup_alpha: float = 2.0
     ss_weight: float = 0.5
     exemplar_views: int = 4
+    ss_fraction: float = 0.25
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
 
@@ -240,12 +242,14 @@ def step_manifold_mixup(ctx: StepContext, images: torch.Tensor, labels: torch.Te
 
 def _ss_subset(ctx: StepContext, batch: int, device) -> torch.Tensor:
     # max(1, .): a final batch smaller than 4 still gets a self-supervised term (the release crashes).
-    return torch.randperm(batch, generator=ctx.generator)[:max(1, batch // 4)].to(device)
+    size = max(1, int(batch * ctx.ss_fraction))
+    return torch.randperm(batch, generator=ctx.generator)[:size].to(device)
 
 
 def _s2m2_step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, ss: str) -> StepStats:
     """Phase 2: mixup loss on the B augmented images (backward), then the self-supervised loss ``ss``
-    ("rotation" or "exemplar") on a random B/4 subset of the un-mixed batch (backward); one optimizer step."""
+    ("rotation" or "exemplar") on a random ``ctx.ss_fraction`` of the un-mixed batch (the release's B/4)
+    (backward); one optimizer step."""
     x = ctx.transform(images, ctx.generator)
     loss_mm, correct = _mixup_pass(ctx, x, labels)
     ctx.backward(loss_mm)

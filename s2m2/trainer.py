@@ -754,6 +754,7 @@ class Trainer:
                               transform=self.transform, view_augment=self.augment, generator=generator,
                               backward=self._backward, mixup_alpha=c.method.mixup_alpha,
                               ss_weight=c.method.ss_weight, exemplar_views=c.method.exemplar_views,
+                              ss_fraction=c.method.ss_fraction,
                               autocast=self.rt.autocast, channels_last=self.rt.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
             stats = step_fn(ctx, images, labels)

@@ -300,6 +300,20 @@ def test_s2m2_e_exemplar_term_uses_a_quarter_of_the_batch():
     assert set(stats.terms) == {"mixup", "ce_class", "exemplar"}
 
 
+@pytest.mark.parametrize("method", ["s2m2_r", "s2m2_e"])
+@pytest.mark.parametrize("fraction, batch, subset", [(0.25, 16, 4), (0.125, 16, 2), (0.0625, 16, 1),
+                                                     (0.0625, 8, 1), (1.0, 6, 6)])
+def test_s2m2_ss_fraction_sets_the_self_supervised_subset(method, fraction, batch, subset):
+    """method.ss_fraction: the self-supervised pass sees 4 copies of max(1, floor(B * fraction)) images
+    (the release's B/4 at 0.25); the mixup pass still sees the whole batch."""
+    model, inputs = _recording_model(ss=method == "s2m2_r")
+    images = _distinct_images(batch, seed=3)
+    STEPS[method](_ctx(model, transform=_plain_transform, ss_fraction=fraction), images, torch.arange(batch) % 5)
+    assert [len(i) for i in inputs] == [batch, 4 * subset]
+    if method == "s2m2_r":
+        assert len({i for i, _ in _identify(inputs[1], _plain_transform(images, None))}) == subset
+
+
 def test_manifold_mixup_step_loss_by_hand(monkeypatch):
     """One mixing point, one lam and one permutation per batch; lam * CE(y) + (1 - lam) * CE(y[perm])."""
     import s2m2.objectives as objectives

@@ -95,6 +95,7 @@ def _rows():
                 row(dataset, method, "schedule.epochs", phase2, d["epochs_cite"])
                 row(dataset, method, "schedule.phase2_init", "last",
                     "§6 / Algorithm 1: phase 2 continues from the phase-1 weights (last, as the release)")
+                row(dataset, method, "method.ss_fraction", 0.25, "§5: the self-supervised term on B/4 images")
             else:
                 row(dataset, method, "schedule.phase1_epochs", 0, "single-phase method")
                 row(dataset, method, "schedule.epochs", phase1,

@@ -140,6 +140,8 @@ def test_validation_on_a_training_split_is_refused_unless_another_source_is_name
     ("schedule.budget_minutes=0", "schedule.budget_minutes"),
     ("schedule.lr_schedule=linear", "schedule.lr_schedule"),
     ("schedule.phase1_fraction=1.5", "schedule.phase1_fraction"),
+    ("method.ss_fraction=0", "method.ss_fraction"),
+    ("method.ss_fraction=1.5", "method.ss_fraction"),
 ])
 def test_bad_config_values_exit_2_with_one_line_before_reading_data(tmp_path, capsys, override, key):
     out = tmp_path / "run"
