@@ -388,27 +388,41 @@ def _columns(rows: list[Row]) -> list[tuple[int, int]]:
 
 def series_names(rows: list[Row]) -> dict[int, str]:
     """{id(row): plot label}: the row's label, plus its backbone where one label has rows of several
-    backbones (e.g. one method trained with two recipes), plus the CPU (or else a run number) where one
-    label and backbone still has several runs (the same recipe run on two machines), so the plots never
-    merge two runs into one bar and two runs never share a curves file."""
+    backbones (e.g. one method trained with two recipes), plus the CPU where one label and backbone still
+    has several runs (the same recipe run on two machines), plus the run's date where the CPUs do not tell
+    them apart (a run number only if the dates do not either), so the plots never merge two runs into one bar
+    and two runs never share a curves file. A date, unlike a number, does not change when a run is added."""
     backbones: dict[str, set[str]] = {}
     for r in rows:
         backbones.setdefault(r.label, set()).add(r.backbone)
     base = {id(r): r.label if len(backbones[r.label]) == 1 else f"{r.label}\n{r.backbone}" for r in rows}
-    runs: dict[str, dict[str, str]] = {}  # base name -> {run group: its CPU}
+    runs: dict[str, dict[str, list[str]]] = {}  # base name -> {run group: [its CPU, its earliest date]}
     for r in sorted(rows, key=_order_key):
-        hardware = ((r.details.get("record") or {}).get("provenance") or {}).get("hardware") or {}
-        runs.setdefault(base[id(r)], {}).setdefault(r.group, str(hardware.get("cpu", "")))
+        provenance = (r.details.get("record") or {}).get("provenance") or {}
+        cpu, date = str((provenance.get("hardware") or {}).get("cpu", "")), _minute(provenance.get("date"))
+        run = runs.setdefault(base[id(r)], {}).setdefault(r.group, [cpu, date])
+        run[1] = min(run[1], date) if run[1] and date else (run[1] or date)
     names = {}
     for r in rows:
         groups = runs[base[id(r)]]
+        cpu, date = groups[r.group]
         if len(groups) == 1:
             names[id(r)] = base[id(r)]
-        elif len(set(groups.values())) == len(groups) and all(groups.values()):
-            names[id(r)] = f"{base[id(r)]}\n{groups[r.group]}"
+        elif len({c for c, _ in groups.values()}) == len(groups) and all(c for c, _ in groups.values()):
+            names[id(r)] = f"{base[id(r)]}\n{cpu}"
+        elif len({d for _, d in groups.values()}) == len(groups) and all(d for _, d in groups.values()):
+            names[id(r)] = f"{base[id(r)]}\n{cpu + ', ' if cpu else ''}{date}"
         else:
             names[id(r)] = f"{base[id(r)]}\nrun {list(groups).index(r.group) + 1}"
     return names
+
+
+def _minute(date: Any) -> str:
+    """An ISO date-time from a record ('2026-12-01T12:48:58+00:00') -> '2026-12-01 12:48 UTC'; '' if none.
+    Records write UTC (``datetime.now(timezone.utc)``)."""
+    if not isinstance(date, str) or len(date) < 16:
+        return ""
+    return f"{date[:10]} {date[11:16]} UTC"
 
 
 def plot_by_method(rows: list[Row], title: str, path: Path) -> Path:

@@ -66,7 +66,7 @@ def make_record(path: Path, run: Path, method: str, head: str, means: dict[int, 
 
 
 def make_plotted_run_and_record(root: Path, record: Path, method: str, means: dict[int, float], *, epochs=3,
-                                hardware=None) -> Path:
+                                hardware=None, date=None) -> Path:
     """A run folder with its curves PNGs and a checkpoint, and an ncm record that evaluated exactly that
     checkpoint (so the report copies the run's curves)."""
     from s2m2.checkpoint import file_fingerprint
@@ -74,7 +74,7 @@ def make_plotted_run_and_record(root: Path, record: Path, method: str, means: di
     run = make_run(root, method, epochs=epochs)
     plot_run(run)
     (run / "best.pt").write_bytes(f"{root}/{method}".encode())
-    provenance = {"provenance": {"method": method, "hardware": hardware}} if hardware else {}
+    provenance = {"provenance": {"method": method, "hardware": hardware, "date": date}} if hardware else {}
     make_record(record, run, method, "ncm", means, **provenance)
     data = json.loads(record.read_text())
     data["features"]["checkpoint"]["fingerprint"] = file_fingerprint(run / "best.pt")
@@ -337,28 +337,61 @@ def test_baseline_and_baseline_plus_plus_curves_get_their_own_files(tmp_path):
         assert (tmp_path / target).read_bytes() == (tmp_path / "runs" / method / TRAINING_PNG).read_bytes()
 
 
-def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path):
-    """The same method and backbone run twice (the demo on two machines) must not share a bar or a curves
-    file: the series name adds the CPU, or a run number when the CPUs are the same."""
+ONE_RECIPE_RUN_TWICE = {  # (CPUs, dates) -> expected series names of the two runs
+    (("CPU A", "CPU B"), (None, None)): ("s2m2_r\nCPU A", "s2m2_r\nCPU B"),
+    (("CPU A", "CPU A"), ("2026-12-01T12:48:58+00:00", "2026-12-01T11:16:05+00:00")):
+        ("s2m2_r\nCPU A, 2026-12-01 12:48 UTC", "s2m2_r\nCPU A, 2026-12-01 11:16 UTC"),
+    (("CPU A", "CPU A"), (None, None)): ("s2m2_r\nrun 1", "s2m2_r\nrun 2"),
+}
+
+
+@pytest.mark.parametrize("cpus, dates", list(ONE_RECIPE_RUN_TWICE))
+def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path, cpus, dates):
+    """The same method and backbone run twice (the demo on two machines, or twice on one) must not share a
+    bar or a curves file: the series name adds the CPU; where the CPUs are the same, the run's date (which,
+    unlike a run number, stays put when a third run is added); a run number only when neither tells."""
     from s2m2.report import find_records, rows_of, series_names
 
-    for cpus in (("CPU A", "CPU B"), ("CPU A", "CPU A")):
-        root = tmp_path / "-".join(cpus).replace(" ", "")
-        recs = root / "records"
-        recs.mkdir(parents=True)
-        for i, cpu in enumerate(cpus):
-            make_plotted_run_and_record(root / f"host{i}", recs / f"r{i}.json", "s2m2_r", {1: 90.0 + i, 5: 95.0},
-                                        epochs=2 + i, hardware={"cpu": cpu, "cores": 2, "torch": "2.14.1"})
+    recs = tmp_path / "records"
+    recs.mkdir(parents=True)
+    for i, (cpu, date) in enumerate(zip(cpus, dates)):
+        make_plotted_run_and_record(tmp_path / f"host{i}", recs / f"r{i}.json", "s2m2_r", {1: 90.0 + i, 5: 95.0},
+                                    epochs=2 + i, hardware={"cpu": cpu, "cores": 2, "torch": "2.14.1"}, date=date)
+    rows = [row for path in find_records([recs]) for row in rows_of(load_record(path), path, str(path))]
+    names = {r.mean: series_names(rows)[id(r)] for r in rows if r.shots == 1}
+    assert names == dict(zip((90.0, 91.0), ONE_RECIPE_RUN_TWICE[cpus, dates]))
+    md = build_report([recs], tmp_path / "r.md", tmp_path / "plots").markdown
+    targets = re.findall(r"!\[s2m2_r[^\]]*\]\(([^)]+_curves_training\.png)\)", md)
+    assert len(set(targets)) == 2
+    assert {(tmp_path / t).read_bytes() for t in targets} == {
+        (tmp_path / f"host{i}" / "runs" / "s2m2_r" / TRAINING_PNG).read_bytes() for i in range(2)}
+
+
+def test_a_third_run_on_the_same_cpu_leaves_the_other_runs_names_alone(tmp_path):
+    """Adding a run must not rename the runs already in the report: their curves copies are found by name
+    when their folders are gone (a report rebuilt from archived records)."""
+    from s2m2.report import find_records, rows_of, series_names
+
+    recs = tmp_path / "records"
+    recs.mkdir(parents=True)
+    dates = ("2026-12-01T11:16:05+00:00", "2026-12-01T12:48:58+00:00", "2026-12-01T10:00:00+00:00")
+    before = {}
+    for count in (2, 3):
+        i = count - 1  # the third record's name sorts first, where a run number would renumber the others
+        make_plotted_run_and_record(tmp_path / f"host{i}", recs / ("a-new.json" if count == 3 else f"r{i}.json"),
+                                    "s2m2_r", {1: 90.0 + i, 5: 95.0},
+                                    epochs=2 + i, hardware={"cpu": "CPU A", "cores": 2, "torch": "2.14.1"},
+                                    date=dates[i])
+        if count == 2:
+            make_plotted_run_and_record(tmp_path / "host0", recs / "r0.json", "s2m2_r", {1: 90.0, 5: 95.0},
+                                        epochs=2, hardware={"cpu": "CPU A", "cores": 2, "torch": "2.14.1"},
+                                        date=dates[0])
         rows = [row for path in find_records([recs]) for row in rows_of(load_record(path), path, str(path))]
         names = {r.mean: series_names(rows)[id(r)] for r in rows if r.shots == 1}
-        expected = ({90.0: "s2m2_r\nCPU A", 91.0: "s2m2_r\nCPU B"} if cpus[0] != cpus[1]
-                    else {90.0: "s2m2_r\nrun 1", 91.0: "s2m2_r\nrun 2"})
-        assert names == expected
-        md = build_report([recs], root / "r.md", root / "plots").markdown
-        targets = re.findall(r"!\[s2m2_r[^\]]*\]\(([^)]+_curves_training\.png)\)", md)
-        assert len(set(targets)) == 2
-        assert {(root / t).read_bytes() for t in targets} == {
-            (root / f"host{i}" / "runs" / "s2m2_r" / TRAINING_PNG).read_bytes() for i in range(2)}
+        if count == 2:
+            before = names
+    assert len(set(names.values())) == 3
+    assert {mean: names[mean] for mean in before} == before
 
 
 def test_reference_rows_without_an_episode_count_say_not_stated(tmp_path):
