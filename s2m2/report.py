@@ -396,25 +396,33 @@ def series_names(rows: list[Row]) -> dict[int, str]:
     for r in rows:
         backbones.setdefault(r.label, set()).add(r.backbone)
     base = {id(r): r.label if len(backbones[r.label]) == 1 else f"{r.label}\n{r.backbone}" for r in rows}
-    runs: dict[str, dict[str, list[str]]] = {}  # base name -> {run group: [its CPU, its earliest date]}
+    cpus: dict[str, dict[str, str]] = {}   # base name -> {run group: its CPU}
+    dates: dict[str, dict[str, str]] = {}  # base name -> {run group: its earliest record's date}
     for r in sorted(rows, key=_order_key):
         provenance = (r.details.get("record") or {}).get("provenance") or {}
-        cpu, date = str((provenance.get("hardware") or {}).get("cpu", "")), _minute(provenance.get("date"))
-        run = runs.setdefault(base[id(r)], {}).setdefault(r.group, [cpu, date])
-        run[1] = min(run[1], date) if run[1] and date else (run[1] or date)
+        cpus.setdefault(base[id(r)], {}).setdefault(r.group, str((provenance.get("hardware") or {}).get("cpu", "")))
+        group_dates = dates.setdefault(base[id(r)], {})
+        if date := _minute(provenance.get("date")):
+            group_dates[r.group] = min(date, group_dates.get(r.group, date))
     names = {}
     for r in rows:
-        groups = runs[base[id(r)]]
-        cpu, date = groups[r.group]
+        b, cpu = base[id(r)], cpus[base[id(r)]][r.group]
+        groups = list(cpus[b])
         if len(groups) == 1:
-            names[id(r)] = base[id(r)]
-        elif len({c for c, _ in groups.values()}) == len(groups) and all(c for c, _ in groups.values()):
-            names[id(r)] = f"{base[id(r)]}\n{cpu}"
-        elif len({d for _, d in groups.values()}) == len(groups) and all(d for _, d in groups.values()):
-            names[id(r)] = f"{base[id(r)]}\n{cpu + ', ' if cpu else ''}{date}"
+            names[id(r)] = b
+        elif _tells_apart(cpus[b], groups):
+            names[id(r)] = f"{b}\n{cpu}"
+        elif _tells_apart(dates[b], groups):
+            names[id(r)] = f"{b}\n{cpu + ', ' if cpu else ''}{dates[b][r.group]}"
         else:
-            names[id(r)] = f"{base[id(r)]}\nrun {list(groups).index(r.group) + 1}"
+            names[id(r)] = f"{b}\nrun {groups.index(r.group) + 1}"
     return names
+
+
+def _tells_apart(value_of: dict[str, str], groups: list[str]) -> bool:
+    """Every group has a value and no two share one."""
+    values = [value_of.get(g, "") for g in groups]
+    return all(values) and len(set(values)) == len(values)
 
 
 def _minute(date: Any) -> str:
