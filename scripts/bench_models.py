@@ -1,10 +1,10 @@
 """Model benchmark (fp32, CPU): our WRN-28-10 vs an independent functional re-implementation of the
 release's forward (tests/release_reference.py), per-backbone training steps, and the Conv-4 budget recipes'
 memory layout (contiguous vs channels_last, a full Adam step at batch 64) and the CIFAR-FS budget recipes'
-Conv-4 width schedules (per-block widths at 32 px). Variants are timed interleaved in one run after a
+Conv-4 width schedules (per-block widths at 32 px) and block order (conv-BN-ReLU-pool vs pool first). Variants are timed interleaved in one run after a
 warm-up; the minimum over rounds is reported.
 
-    .venv/bin/python scripts/bench_models.py [--only conv4-layout | --only conv4-widths]
+    .venv/bin/python scripts/bench_models.py [--only conv4-layout | --only conv4-widths | --only conv4-order]
 """
 import argparse
 import sys
@@ -103,11 +103,43 @@ def conv4_widths(rounds: int = 4, steps: int = 20) -> None:
               f"({1000 / ms:,.0f} img/s, {seconds / base:.2f}x width 64)")
 
 
+def conv4_order(rounds: int = 5, steps: int = 20) -> None:
+    """Adam training step, channels_last, at the budget recipes' shapes: classic blocks (conv-BN-ReLU-pool)
+    vs ``pool_first`` (conv-pool-BN-ReLU, BatchNorm and ReLU on a quarter of the elements). Batch 96 at
+    28 px is the demo's S2M2_R phase-2 step (64 mixed + 8 x 4 rotated images)."""
+    import torch.nn.functional as F
+    shapes = {"Omniglot demo, width 64, 96x28x28": (64, 96, 28, {}),
+              "CIFAR-FS best, 48-96-192-384 flatten, 64x32x32": ([48, 96, 192, 384], 64, 32,
+                                                                 {"pool": "flatten", "input_size": 32})}
+    for label, (width, batch, size, kwargs) in shapes.items():
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 64, (batch,))
+        variants = {}
+        for pool_first in (False, True):
+            torch.manual_seed(0)
+            model = create_backbone("conv4", width=width, pool_first=pool_first, **kwargs).train()
+            model = model.to(memory_format=torch.channels_last)
+            head = torch.nn.Linear(model.feature_dim, 64)
+            opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
+
+            def run(model=model, head=head, opt=opt):
+                for _ in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(head(model(x)), y).backward()
+                    opt.step()
+            variants[pool_first] = run
+        t = interleaved(variants, rounds)
+        ms = {k: 1000 * v / (steps * batch) for k, v in t.items()}
+        print(f"Conv-4 block order, {label}, Adam step, channels_last, {torch.get_num_threads()} threads "
+              f"(min of {rounds}): conv-BN-ReLU-pool {ms[False]:.3f} ms/img, pool_first {ms[True]:.3f} ms/img "
+              f"({ms[False] / ms[True]:.2f}x faster)")
+
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", choices=["conv4-layout", "conv4-widths"], help="run one section")
+parser.add_argument("--only", choices=["conv4-layout", "conv4-widths", "conv4-order"], help="run one section")
 only = parser.parse_args().only
 if only:
-    {"conv4-layout": conv4_layout, "conv4-widths": conv4_widths}[only]()
+    {"conv4-layout": conv4_layout, "conv4-widths": conv4_widths, "conv4-order": conv4_order}[only]()
     sys.exit(0)
 
 torch.manual_seed(0)
@@ -143,3 +175,4 @@ for name, kw, size in [("resnet12", {}, 80), ("resnet18", {}, 32), ("conv4", {},
     print(f"{name} {kw} train fwd+bwd 64x{size}x{size}: {t:.2f}s = {64 / t:.0f} img/s")
 conv4_layout()
 conv4_widths()
+conv4_order()

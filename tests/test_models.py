@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -191,6 +192,35 @@ def test_conv4_per_block_widths():
     for bad in ([8, 12, 16], [8, 12, 16, 0]):
         with pytest.raises(ValueError, match="4 positive ints"):
             create_backbone("conv4", width=bad)
+
+
+def _classic_to_pool_first(state):
+    """Classic block keys (BN at index 1 of a stage) -> pool-first keys (BN at index 2)."""
+    return {re.sub(r"^(stages\.\d+)\.1\.", r"\1.2.", k): v for k, v in state.items()}
+
+
+def test_conv4_pool_first_normalises_the_pooled_maps():
+    """``pool_first``: each block is conv - maxpool - BN - ReLU, so BatchNorm's batch statistics are those
+    of the pooled conv maps (the classic block's are the full-resolution maps'); in eval mode, with the same
+    weights and running statistics and positive BN gains, both orders compute the same features (max-pooling
+    commutes with ReLU and with a positive per-channel affine map)."""
+    x = torch.randn(6, 3, 28, 28)
+    classic, pooled = (create_backbone("conv4", width=8, pool_first=flag) for flag in (False, True))
+    pooled.load_state_dict(_classic_to_pool_first(classic.state_dict()))
+    for model in (classic, pooled):
+        model.train()(x)
+    conv_maps = classic.stages[0][0](x).detach()
+    momentum = 0.1  # BatchNorm's running_mean starts at 0: one step leaves momentum * batch mean
+    torch.testing.assert_close(classic.stages[0][1].running_mean, momentum * conv_maps.mean((0, 2, 3)))
+    torch.testing.assert_close(pooled.stages[0][2].running_mean,
+                               momentum * F.max_pool2d(conv_maps, 2).mean((0, 2, 3)))
+    assert [type(m).__name__ for m in pooled.stages[1]] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    # Same running statistics in both: the eval-mode functions are then the same.
+    pooled.load_state_dict(_classic_to_pool_first(classic.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(pooled.eval()(x), classic.eval()(x))
+    with pytest.raises(ValueError, match="pool_first must be true or false"):
+        create_backbone("conv4", pool_first="false")
 
 
 def test_backbones_train_backward():
