@@ -26,6 +26,7 @@ per-episode accuracies, with the run information embedded) so the report can be 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -338,6 +339,22 @@ def slug(text: str) -> str:
     """A file-name and anchor-safe form of ``text``. "+" is spelled out: dropped, "baseline++" would share
     "baseline"'s plot files, and the second copied would overwrite the first."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("+", " plus ")).strip("-") or "section"
+
+
+# File systems allow 255 bytes per name; atomic_write's temporary adds a leading dot and ".xxxxxxxx.tmp".
+_NAME_BYTES = 240
+
+
+def file_name(stem: str, suffix: str) -> str:
+    """``stem + suffix``, or, when that is longer than ``_NAME_BYTES``, the stem cut short and tagged with a
+    hash of the whole stem, so that two long names sharing a prefix still get different files. (A cross-domain
+    section named after its backbone and a run named after its backbone label passed 255 bytes.)"""
+    name = stem + suffix
+    if len(name.encode()) <= _NAME_BYTES:
+        return name
+    tag = hashlib.sha256(stem.encode()).hexdigest()[:12]
+    keep = _NAME_BYTES - len(suffix.encode()) - len(tag) - 1
+    return f"{stem.encode()[:keep].decode(errors='ignore')}-{tag}{suffix}"
 
 
 def _unique(values, missing: str = "?") -> str:
@@ -701,8 +718,8 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
         md += section_table(section_rows, group_names, base)
         plottable = [r for r in section_rows if r.mean is not None]
         if plottable:
-            by_method = plot_by_method(plottable, section, plots_dir / f"{slug(section)}_by_method.png")
-            by_shots = plot_by_shots(plottable, section, plots_dir / f"{slug(section)}_by_shots.png")
+            by_method = plot_by_method(plottable, section, plots_dir / file_name(slug(section), "_by_method.png"))
+            by_shots = plot_by_shots(plottable, section, plots_dir / file_name(slug(section), "_by_shots.png"))
             plots += [by_method, by_shots]
             md += ["", f"![{section}: accuracy by method]({_rel(by_method, base)})",
                    f"![{section}: accuracy by shots]({_rel(by_shots, base)})"]
@@ -745,7 +762,7 @@ def training_curves(rows: list[Row], section: str, plots_dir: Path) -> list[tupl
         used = Path(run.run_dir) / Path(checkpoint.get("path") or "best.pt").name
         same_training = used.is_file() and file_fingerprint(used) == checkpoint.get("fingerprint")
         for name in ("curves_training.png", "curves_validation.png"):
-            copy = plots_dir / f"{slug(section)}_{slug(names[id(row)])}_{name}"
+            copy = plots_dir / file_name(f"{slug(section)}_{slug(names[id(row)])}", f"_{name}")
             source = Path(run.run_dir) / name
             if same_training and source.is_file():
                 data = source.read_bytes()
@@ -771,13 +788,13 @@ def archive_record(record: dict[str, Any], path: Path, archive: Path) -> Path:
     already_archived = "archived_from" in record
     compact["archived_from"] = record["archived_from"] if already_archived else str(path.resolve())
     name = path.stem if already_archived else f"{slug(section_of(record))}-{path.stem}"
-    target = archive / f"{name}.json"
+    target = archive / file_name(name, ".json")
     existing = read_json_or_none(target)
     if existing is not None and record_identity(existing, target) != record_identity(compact, path):
         # Another record already archived under this name (the same file path re-run with a new recipe, or two
         # ablation folders with the same record names): keep both, this one named by its creation time.
         stamp = re.sub(r"[^0-9TZ]", "", str(record.get("created", "")))
-        target = archive / f"{name}-{stamp}.json"
+        target = archive / file_name(f"{name}-{stamp}", ".json")
     atomic_write_json(target, compact)
     return target
 

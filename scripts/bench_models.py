@@ -108,9 +108,10 @@ def conv4_order(rounds: int = 5, steps: int = 20) -> None:
     vs ``pool_first`` (conv-pool-BN-ReLU, BatchNorm and ReLU on a quarter of the elements). Batch 96 at
     28 px is the demo's S2M2_R phase-2 step (64 mixed + 8 x 4 rotated images)."""
     import torch.nn.functional as F
+    flat32 = {"pool": "flatten", "input_size": 32}
     shapes = {"Omniglot demo, width 64, 96x28x28": (64, 96, 28, {}),
-              "CIFAR-FS best, 48-96-192-384 flatten, 64x32x32": ([48, 96, 192, 384], 64, 32,
-                                                                 {"pool": "flatten", "input_size": 32})}
+              **{f"CIFAR-FS {'-'.join(map(str, w))} flatten, 64x32x32": (w, 64, 32, flat32)
+                 for w in ([48, 96, 192, 384], [48, 96, 256, 512], [64, 128, 256, 512])}}
     for label, (width, batch, size, kwargs) in shapes.items():
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 64, (batch,))

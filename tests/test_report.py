@@ -367,6 +367,28 @@ def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path, cpu
         (tmp_path / f"host{i}" / "runs" / "s2m2_r" / TRAINING_PNG).read_bytes() for i in range(2)}
 
 
+@pytest.mark.filterwarnings("ignore:constrained_layout not applied")  # 240-character tick labels
+def test_long_series_names_get_short_distinct_file_names(tmp_path):
+    """Names built from a long section and series (a cross-domain section plus a backbone label) passed the
+    file system's 255 bytes; cut short, two names that differ only at their end must still get two files,
+    and the plots and the archived records must be written."""
+    recs = tmp_path / "records"
+    recs.mkdir(parents=True)
+    methods = ["manifold_mixup_" + "x" * 225 + "_a", "manifold_mixup_" + "x" * 225 + "_b"]  # 242-byte folders
+    for i, method in enumerate(methods):
+        make_plotted_run_and_record(tmp_path / f"host{i}", recs / f"r{i}.json", method, {1: 60.0 + i, 5: 78.0})
+    md = build_report([recs], tmp_path / "r.md", tmp_path / "plots", archive=tmp_path / "archive").markdown
+    curves = sorted((tmp_path / "plots").glob("*_curves_training.png"))
+    assert len(curves) == 2
+    assert {c.read_bytes() for c in curves} == {
+        (tmp_path / f"host{i}" / "runs" / method / TRAINING_PNG).read_bytes() for i, method in enumerate(methods)}
+    archived = sorted((tmp_path / "archive").glob("*.json"))
+    assert len(archived) == 2
+    for path in [*curves, *archived, *(tmp_path / "plots").iterdir()]:
+        assert len(path.name.encode()) <= 240, path.name
+        assert path.name in md or path.suffix == ".json" or "_curves_" not in path.name
+
+
 def test_a_third_run_on_the_same_cpu_leaves_the_other_runs_names_alone(tmp_path):
     """Adding a run must not rename the runs already in the report: their curves copies are found by name
     when their folders are gone (a report rebuilt from archived records)."""
