@@ -31,29 +31,33 @@ def interleaved(variants, rounds):
     return {name: min(v) for name, v in times.items()}
 
 
+def conv4_adam_run(x, y, steps: int, channels_last: bool = True, **backbone_kwargs):
+    """A fresh Conv-4 (seed 0) + a 64-way linear head -> (model, a function running ``steps`` Adam steps on
+    (x, y)), in channels_last memory format unless told otherwise."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = create_backbone("conv4", **backbone_kwargs).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    head = torch.nn.Linear(model.feature_dim, 64)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(model(x)), y).backward()
+            opt.step()
+    return model, run
+
+
 def conv4_layout(rounds: int = 5, steps: int = 30) -> None:
     """Conv-4 (64 ch) training step, batch 64, at the budget recipes' sizes: contiguous vs channels_last."""
-    import torch.nn.functional as F
     for size, kwargs in ((28, {}), (32, {"pool": "flatten", "input_size": 32})):
         x = torch.randn(64, 3, size, size)
         y = torch.randint(0, 64, (64,))
-        variants = {}
-        for layout in ("contiguous", "channels_last"):
-            torch.manual_seed(0)
-            model = create_backbone("conv4", **kwargs).train()
-            head = torch.nn.Linear(model.feature_dim, 64)
-            opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
-            xb = x
-            if layout == "channels_last":
-                model = model.to(memory_format=torch.channels_last)
-                xb = x.contiguous(memory_format=torch.channels_last)
-
-            def run(model=model, head=head, opt=opt, xb=xb):
-                for _ in range(steps):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(head(model(xb)), y).backward()
-                    opt.step()
-            variants[layout] = run
+        variants = {layout: conv4_adam_run(x, y, steps, channels_last=layout == "channels_last", **kwargs)[1]
+                    for layout in ("contiguous", "channels_last")}
         t = interleaved(variants, rounds)
         ms = {k: 1000 * v / (steps * 64) for k, v in t.items()}
         print(f"Conv-4 {kwargs or 'avg'} train step (Adam) 64x{size}x{size}, {torch.get_num_threads()} threads "
@@ -70,24 +74,12 @@ CONV4_WIDTHS = {"64 (ablation)": 64, "96": 96, "48-96-192-384 (best recipe)": [4
 def conv4_widths(rounds: int = 4, steps: int = 20) -> None:
     """Adam training step, batch 64, 32 px, flatten features, channels_last: ms per image for each schedule, and
     the forward FLOPs per image (torch.utils.flop_counter: convolutions and matmuls)."""
-    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 64, (64,))
     variants, sizes = {}, {}
     for name, width in CONV4_WIDTHS.items():
-        torch.manual_seed(0)
-        model = create_backbone("conv4", width=width, pool="flatten", input_size=32).train()
-        model = model.to(memory_format=torch.channels_last)
-        head = torch.nn.Linear(model.feature_dim, 64)
-        opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
-
-        def run(model=model, head=head, opt=opt):
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(head(model(x)), y).backward()
-                opt.step()
-        variants[name] = run
+        model, variants[name] = conv4_adam_run(x, y, steps, width=width, pool="flatten", input_size=32)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x[:1])
         sizes[name] = (sum(p.numel() for p in model.parameters()), model.feature_dim, counter.get_total_flops())
@@ -107,28 +99,15 @@ def conv4_order(rounds: int = 5, steps: int = 20) -> None:
     """Adam training step, channels_last, at the budget recipes' shapes: classic blocks (conv-BN-ReLU-pool)
     vs ``pool_first`` (conv-pool-BN-ReLU, BatchNorm and ReLU on a quarter of the elements). Batch 96 at
     28 px is the demo's S2M2_R phase-2 step (64 mixed + 8 x 4 rotated images)."""
-    import torch.nn.functional as F
     flat32 = {"pool": "flatten", "input_size": 32}
     shapes = {"Omniglot demo, width 64, 96x28x28": (64, 96, 28, {}),
               **{f"CIFAR-FS {'-'.join(map(str, w))} flatten, 64x32x32": (w, 64, 32, flat32)
                  for w in ([48, 96, 192, 384], [48, 96, 256, 512], [64, 128, 256, 512])}}
     for label, (width, batch, size, kwargs) in shapes.items():
-        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 64, (batch,))
-        variants = {}
-        for pool_first in (False, True):
-            torch.manual_seed(0)
-            model = create_backbone("conv4", width=width, pool_first=pool_first, **kwargs).train()
-            model = model.to(memory_format=torch.channels_last)
-            head = torch.nn.Linear(model.feature_dim, 64)
-            opt = torch.optim.Adam([*model.parameters(), *head.parameters()], 1e-3)
-
-            def run(model=model, head=head, opt=opt):
-                for _ in range(steps):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(head(model(x)), y).backward()
-                    opt.step()
-            variants[pool_first] = run
+        variants = {pool_first: conv4_adam_run(x, y, steps, width=width, pool_first=pool_first, **kwargs)[1]
+                    for pool_first in (False, True)}
         t = interleaved(variants, rounds)
         ms = {k: 1000 * v / (steps * batch) for k, v in t.items()}
         print(f"Conv-4 block order, {label}, Adam step, channels_last, {torch.get_num_threads()} threads "
