@@ -21,6 +21,9 @@ what differs from the reference rows. Where a reference names the method of each
 ``"method": "s2m2_r"``), a generated check says whether its order of methods holds in the measured rows, per
 recipe (variant, backbone, budget), head and column. ``--archive`` keeps compact copies of the measured records (without
 per-episode accuracies, with the run information embedded) so the report can be rebuilt from the repository.
+Each run's training curves are copied beside the plots, named by method label and the evaluated checkpoint's
+fingerprint, so a rebuilt report finds them after the run folder is gone; curves a run drew that are found
+nowhere are named in the section and in a warning on stderr.
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ class RunInfo:
     elapsed_seconds: float | None = None
     best: dict[str, Any] | None = None
     config_path: str | None = None
+    plotted: bool | None = None   # the folder had curves_training.png (None: a copy archived before this was kept)
 
 
 def backbone_label(name: str | None, kwargs: dict[str, Any] | None = None) -> str | None:
@@ -182,7 +186,7 @@ def read_run(run_dir: str | Path) -> RunInfo | None:
     config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
     if not config_path.is_file() and not summary_path.is_file():
         return None
-    info = RunInfo(run_dir=str(run_dir))
+    info = RunInfo(run_dir=str(run_dir), plotted=(run_dir / "curves_training.png").is_file())
     if config_path.is_file():
         try:
             config = yaml.safe_load(config_path.read_text()) or {}
@@ -678,6 +682,7 @@ class Report:
     markdown: str
     plots: list[Path]
     rows: list[Row]
+    warnings: list[str] = field(default_factory=list)   # printed to stderr by ``s2m2 report``
 
 
 def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: Path | None = None,
@@ -707,6 +712,7 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
           "Nothing here is typed by hand: every number, command, budget and hardware line comes from a record.",
           "Accuracy: mean ± 95% CI (1.96·σ/√episodes) in %, 5-way unless stated."]
     plots: list[Path] = []
+    warnings: list[str] = []
     group_names: dict[str, str] = {}
     for section in sections:
         section_rows = [r for r in rows if r.section == section]
@@ -723,12 +729,16 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
             plots += [by_method, by_shots]
             md += ["", f"![{section}: accuracy by method]({_rel(by_method, base)})",
                    f"![{section}: accuracy by shots]({_rel(by_shots, base)})"]
-        curves = training_curves(section_rows, section, plots_dir)
+        curves, missing = training_curves(section_rows, section, plots_dir)
+        warnings += [f"{section}: no training curves for {name}: its run folder is gone or holds another "
+                     "training, and the plots folder has no copy of them" for name in missing]
         if curves:
             md += ["", "Training curves (loss terms, train and validation accuracy; phase boundary and best epoch "
                    "marked), drawn by `s2m2.plots` in each run's folder:", ""]
             md += [f"![{label}: {png.stem}]({_rel(png, base)})" for label, png in curves]
             plots += [png for _, png in curves]
+        if missing:
+            md += ["", f"Training curves not found (run folder gone or retrained, no copy kept): {', '.join(missing)}."]
         order = order_check(section_rows)
         if order:
             md += [""] + order
@@ -739,19 +749,22 @@ def build_report(inputs: list[str | Path], out: Path, plots_dir: Path, archive: 
         for group in dict.fromkeys(r.group for r in sorted(section_rows, key=_order_key)):
             md += provenance_lines(group, group_names[group], [r for r in section_rows if r.group == group], base)
             md.append("")
-    return Report(markdown="\n".join(md).rstrip() + "\n", plots=plots, rows=rows)
+    return Report(markdown="\n".join(md).rstrip() + "\n", plots=plots, rows=rows, warnings=warnings)
 
 
-def training_curves(rows: list[Row], section: str, plots_dir: Path) -> list[tuple[str, Path]]:
-    """The runs' ``curves_*.png`` (from ``s2m2.plots``), copied beside the report's plots: [(label, png)].
+def training_curves(rows: list[Row], section: str, plots_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The runs' ``curves_*.png`` (from ``s2m2.plots``), copied beside the report's plots: ([(label, png)],
+    [the series names of runs that drew curves (``RunInfo.plotted``) whose curves are not found]).
 
     A run folder that is gone (a report rebuilt from archived records), or that now holds another training
     (its checkpoint is not the one the record evaluated: the folder was trained again), keeps the copies made
-    earlier. Copies are named by the plots' series name, so two trainings of one method do not share a file.
+    earlier. A copy is named by the method label and the evaluated checkpoint's fingerprint, not by the series
+    name: the series name grows a backbone, CPU or date when another run of the label joins the report, and
+    a copy named by it would then be lost for a run whose folder is gone.
     """
     from s2m2.checkpoint import file_fingerprint
 
-    out, done = [], set()
+    out, missing, done = [], [], set()
     names = series_names(rows)
     for row in sorted(rows, key=_order_key):
         run = row.details.get("run") if not row.reference else None
@@ -759,17 +772,20 @@ def training_curves(rows: list[Row], section: str, plots_dir: Path) -> list[tupl
             continue
         done.add(row.group)
         checkpoint = (row.details["record"].get("features") or {}).get("checkpoint") or {}
+        fingerprint = checkpoint.get("fingerprint") or hashlib.sha256(row.group.encode()).hexdigest()[:16]
         used = Path(run.run_dir) / Path(checkpoint.get("path") or "best.pt").name
         same_training = used.is_file() and file_fingerprint(used) == checkpoint.get("fingerprint")
         for name in ("curves_training.png", "curves_validation.png"):
-            copy = plots_dir / file_name(f"{slug(section)}_{slug(names[id(row)])}", f"_{name}")
+            copy = plots_dir / file_name(f"{slug(section)}_{slug(row.label)}_{fingerprint}", f"_{name}")
             source = Path(run.run_dir) / name
             if same_training and source.is_file():
                 data = source.read_bytes()
                 atomic_write(copy, lambda f: f.write(data))
             if copy.is_file():
                 out.append((names[id(row)].replace("\n", ", "), copy))
-    return out
+            elif not same_training and run.plotted and name == "curves_training.png":
+                missing.append(names[id(row)].replace("\n", ", "))
+    return out, missing
 
 
 def archive_record(record: dict[str, Any], path: Path, archive: Path) -> Path:
@@ -835,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s2m2 report: error: {err}", file=sys.stderr)
         return 2
     atomic_write(args.out, lambda f: f.write(report.markdown), binary=False)
+    for warning in report.warnings:
+        print(f"s2m2 report: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out} ({len(report.rows)} rows) and {len(report.plots)} plots in {plots_dir}")
     return 0
 

@@ -220,8 +220,9 @@ def test_report_shows_each_runs_training_curves_and_keeps_them_after_the_run_is_
     out, plots = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results"
     md = build_report([records], out, plots, archive=tmp_path / "archive").markdown
     curves = re.findall(r"!\[s2m2_r: ([^\]]+)\]\(([^)]+)\)", md)
-    assert [name for name, _ in curves] == ["cifar-fs-novel-classes_s2m2-r_curves_training",
-                                            "cifar-fs-novel-classes_s2m2-r_curves_validation"]
+    fingerprint = file_fingerprint(run / "best.pt")
+    assert [name for name, _ in curves] == [f"cifar-fs-novel-classes_s2m2-r_{fingerprint}_curves_training",
+                                            f"cifar-fs-novel-classes_s2m2-r_{fingerprint}_curves_validation"]
     assert all(is_png(out.parent / target) for _, target in curves)
     assert "baseline: " not in md   # the baseline run has no plots, so no links
     # The folder trained again (another checkpoint, other curves): the copies of the evaluated run stay.
@@ -234,6 +235,25 @@ def test_report_shows_each_runs_training_curves_and_keeps_them_after_the_run_is_
     shutil.rmtree(tmp_path / "runs")
     again = build_report([tmp_path / "archive"], out, plots).markdown
     assert re.findall(r"!\[s2m2_r: ([^\]]+)\]\(([^)]+)\)", again) == curves
+
+    # A run of the same method on another backbone joins: the series names grow the backbone, and the copies
+    # of the run whose folder is gone are still found.
+    other = make_plotted_run_and_record(tmp_path / "wide", tmp_path / "wide.json", "s2m2_r", {1: 70.0, 5: 85.0})
+    wide = json.loads((tmp_path / "wide.json").read_text())
+    wide["features"]["checkpoint"]["backbone"] = {"name": "conv4", "kwargs": {"width": 96}}
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    report = build_report([tmp_path / "archive", tmp_path / "wide.json"], out, plots)
+    linked = re.findall(r"!\[s2m2_r[^\]]*\]\(([^)]+_curves_training\.png)\)", report.markdown)
+    assert len(linked) == 2 and curves[0][1] in linked and report.warnings == []
+    assert {(out.parent / target).read_bytes() for target in linked} == {
+        copied, (other / "curves_training.png").read_bytes()}
+
+    # With the copies gone too, the report says so instead of dropping the curves without a word.
+    shutil.rmtree(plots)
+    report = build_report([tmp_path / "archive"], out, plots)
+    assert "![s2m2_r" not in report.markdown
+    assert "Training curves not found" in report.markdown and "s2m2_r" in report.markdown
+    assert len(report.warnings) == 1 and "no training curves for s2m2_r" in report.warnings[0]
 
 
 def test_variant_label_and_two_recipes_of_one_method_stay_apart(tmp_path):
