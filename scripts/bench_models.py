@@ -115,44 +115,56 @@ def conv4_order(rounds: int = 5, steps: int = 20) -> None:
               f"({ms[False] / ms[True]:.2f}x faster)")
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", choices=["conv4-layout", "conv4-widths", "conv4-order"], help="run one section")
-only = parser.parse_args().only
-if only:
-    {"conv4-layout": conv4_layout, "conv4-widths": conv4_widths, "conv4-order": conv4_order}[only]()
-    sys.exit(0)
+def wrn_and_backbones() -> None:
+    """WRN-28-10 against the release's forward, its memory layouts and checkpoint loading; other backbones'
+    training steps."""
+    torch.manual_seed(0)
+    wrn = create_backbone("wrn28_10").eval()
+    state = release_state_dict(wrn)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        t = interleaved({"ours": lambda: wrn(x), "reference": lambda: release_wrn_features(state, x)}, 12)
+    print(f"WRN-28-10 eval forward 8x32x32 (min of 12): ours {t['ours']:.2f}s, functional reference {t['reference']:.2f}s, "
+          f"ratio {t['ours'] / t['reference']:.2f}")
 
-torch.manual_seed(0)
-wrn = create_backbone("wrn28_10").eval()
-state = release_state_dict(wrn)
-x = torch.randn(8, 3, 32, 32)
-with torch.no_grad():
-    t = interleaved({"ours": lambda: wrn(x), "reference": lambda: release_wrn_features(state, x)}, 12)
-print(f"WRN-28-10 eval forward 8x32x32 (min of 12): ours {t['ours']:.2f}s, functional reference {t['reference']:.2f}s, "
-      f"ratio {t['ours'] / t['reference']:.2f}")
+    x16 = torch.randn(16, 3, 80, 80)
+    wrn_cl = create_backbone("wrn28_10").train().to(memory_format=torch.channels_last)
+    wrn.train()
+    perm = torch.randperm(16)
+    def step(model, inp):
+        model.zero_grad(set_to_none=True)
+        model(inp, MixSpec(2, 0.4, perm)).square().mean().backward()
+    x16_cl = x16.contiguous(memory_format=torch.channels_last)
+    t = interleaved({"contiguous": lambda: step(wrn, x16), "channels_last": lambda: step(wrn_cl, x16_cl)}, 2)
+    print(f"WRN-28-10 train fwd+bwd (mixup at block2) 16x80x80: contiguous {t['contiguous']:.2f}s "
+          f"({16 / t['contiguous']:.2f} img/s), channels_last {t['channels_last']:.2f}s "
+          f"(ratio {t['channels_last'] / t['contiguous']:.2f})")
 
-x16 = torch.randn(16, 3, 80, 80)
-wrn_cl = create_backbone("wrn28_10").train().to(memory_format=torch.channels_last)
-wrn.train()
-perm = torch.randperm(16)
-def step(model, inp):
-    model.zero_grad(set_to_none=True)
-    model(inp, MixSpec(2, 0.4, perm)).square().mean().backward()
-x16_cl = x16.contiguous(memory_format=torch.channels_last)
-t = interleaved({"contiguous": lambda: step(wrn, x16), "channels_last": lambda: step(wrn_cl, x16_cl)}, 2)
-print(f"WRN-28-10 train fwd+bwd (mixup at block2) 16x80x80: contiguous {t['contiguous']:.2f}s "
-      f"({16 / t['contiguous']:.2f} img/s), channels_last {t['channels_last']:.2f}s "
-      f"(ratio {t['channels_last'] / t['contiguous']:.2f})")
+    wrn.eval()
+    release_file = Path(tempfile.mkdtemp()) / "470.tar"
+    export_release_checkpoint(wrn, release_file, kind="mixup", epoch=470)
+    t = interleaved({"load": lambda: load_backbone(release_file)}, 2)
+    print(f"load_backbone(release-format WRN-28-10, 146 MB, incl. sha256 fingerprint): {t['load']:.2f}s")
+    for name, kw, size in [("resnet12", {}, 80), ("resnet18", {}, 32), ("conv4", {}, 80), ("wrn", {"depth": 16, "widen": 4}, 32)]:
+        m = create_backbone(name, **kw).train(); xb = torch.randn(64, 3, size, size)
+        t = interleaved({"s": lambda: m(xb).square().mean().backward()}, 2)["s"]
+        print(f"{name} {kw} train fwd+bwd 64x{size}x{size}: {t:.2f}s = {64 / t:.0f} img/s")
 
-wrn.eval()
-release_file = Path(tempfile.mkdtemp()) / "470.tar"
-export_release_checkpoint(wrn, release_file, kind="mixup", epoch=470)
-t = interleaved({"load": lambda: load_backbone(release_file)}, 2)
-print(f"load_backbone(release-format WRN-28-10, 146 MB, incl. sha256 fingerprint): {t['load']:.2f}s")
-for name, kw, size in [("resnet12", {}, 80), ("resnet18", {}, 32), ("conv4", {}, 80), ("wrn", {"depth": 16, "widen": 4}, 32)]:
-    m = create_backbone(name, **kw).train(); xb = torch.randn(64, 3, size, size)
-    t = interleaved({"s": lambda: m(xb).square().mean().backward()}, 2)["s"]
-    print(f"{name} {kw} train fwd+bwd 64x{size}x{size}: {t:.2f}s = {64 / t:.0f} img/s")
-conv4_layout()
-conv4_widths()
-conv4_order()
+
+SECTIONS = {"conv4-layout": conv4_layout, "conv4-widths": conv4_widths, "conv4-order": conv4_order}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=list(SECTIONS), help="run one section")
+    only = parser.parse_args().only
+    if only:
+        SECTIONS[only]()
+        return
+    wrn_and_backbones()
+    for section in SECTIONS.values():
+        section()
+
+
+if __name__ == "__main__":
+    main()
