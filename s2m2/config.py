@@ -133,6 +133,7 @@ class RuntimeConfig:
     tensorboard: bool = True
     plots: bool = True                   # PNG plots of the run (s2m2.plots) when it ends
     prefetch: bool = True                # read the next uint8 batch in a background thread
+    flush_denormal: bool = True          # CPU floats below 1.2e-38 become 0 (s2m2.trainer.set_flush_denormal)
 
 
 @dataclass

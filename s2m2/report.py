@@ -455,50 +455,65 @@ def _minute(date: Any) -> str:
 
 
 def plot_by_method(rows: list[Row], title: str, path: Path) -> Path:
-    """Grouped bars: one group per method (or reference), one bar per head, CI as error bars; one panel per
-    (ways, shots)."""
+    """One line per method (or reference), one marker per head with its 95% CI as a horizontal bar; one panel
+    per (ways, shots), the panels sharing the method axis. Horizontal so that the long labels of a report
+    with dozens of runs stay readable (vertical bars squeezed 30 of them into unreadable slivers), and
+    markers rather than bars from 0 so that differences of a point show."""
     from matplotlib.figure import Figure
 
     columns = _columns(rows)
     names = series_names(rows)
     labels = list(dict.fromkeys(names[id(r)] for r in sorted(rows, key=_order_key)))
     heads = list(dict.fromkeys(r.head for r in sorted(rows, key=_order_key)))
-    width = 0.8 / max(len(heads), 1)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2), 3.2 * len(columns)), layout="constrained")
-    axes = fig.subplots(len(columns), 1, squeeze=False)[:, 0]
+    offset = 0.7 / max(len(heads), 1)
+    label_lines = sum(label.count("\n") + 1 for label in labels)  # series names may hold a backbone and a CPU
+    fig = Figure(figsize=(6.0 + 3.2 * len(columns), 1.6 + 0.18 * len(labels) + 0.14 * label_lines),
+                 layout="constrained")
+    axes = fig.subplots(1, len(columns), squeeze=False, sharey=True)[0]
     for ax, (ways, shots) in zip(axes, columns):
+        for i in range(0, len(labels), 2):  # banded rows: the eye follows a label to its markers
+            ax.axhspan(i - 0.5, i + 0.5, color="0.94", zorder=0)
         for h, head in enumerate(heads):
             xs, ys, errs = [], [], []
             for i, label in enumerate(labels):
                 match = [r for r in rows if (names[id(r)], r.head, r.ways, r.shots) == (label, head, ways, shots)
                          and r.mean is not None]
                 if match:
-                    xs.append(i + (h - (len(heads) - 1) / 2) * width)
-                    ys.append(match[0].mean)
+                    ys.append(i + (h - (len(heads) - 1) / 2) * offset)
+                    xs.append(match[0].mean)
                     errs.append(match[0].ci95 or 0.0)
             if xs:
-                ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=head)
-        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-        ax.set(ylabel="accuracy (%)", title=f"{ways}-way {shots}-shot (95% CI bars)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, title="head", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+                ax.errorbar(xs, ys, xerr=errs, fmt="o", markersize=3.5, capsize=2, linewidth=1, label=head)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the first method on top
+        ax.set(xlabel="accuracy (%)", title=f"{ways}-way {shots}-shot (95% CI bars)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].legend(fontsize=7, title="head", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"{title}: accuracy by method", fontsize=10)
     return _save_png(fig, path)
 
 
 def plot_by_shots(rows: list[Row], title: str, path: Path) -> Path:
-    """Accuracy against shots, one line per (method, head); one panel per number of ways."""
+    """Accuracy against shots, one line per (method, head); one panel per number of ways. The legend sits
+    beside the panels and the figure grows with it, so a report with dozens of runs keeps every entry
+    (a fixed 7 x 3.6-inch figure clipped it)."""
     from matplotlib.figure import Figure
 
     ways_list = sorted({r.ways for r in rows})
     names = series_names(rows)
-    fig = Figure(figsize=(7, 3.6 * len(ways_list)), layout="constrained")
-    axes = fig.subplots(len(ways_list), 1, squeeze=False)[:, 0]
-    for ax, ways in zip(axes, ways_list):
+    panels: list[dict[tuple[str, str, bool], list[Row]]] = []
+    for ways in ways_list:
         series: dict[tuple[str, str, bool], list[Row]] = {}
         for r in sorted(rows, key=_order_key):
             if r.ways == ways and r.mean is not None:
                 series.setdefault((names[id(r)].replace("\n", ", "), r.head, r.reference), []).append(r)
+        panels.append(series)
+    entries = max((len(series) for series in panels), default=0)
+    longest = max((len(f"{label} ({head})") for series in panels for label, head, _ in series), default=0)
+    fig = Figure(figsize=(5.5 + 0.055 * longest, max(3.6, 1.0 + 0.14 * entries) * len(ways_list)),
+                 layout="constrained")
+    axes = fig.subplots(len(ways_list), 1, squeeze=False)[:, 0]
+    for ax, ways, series in zip(axes, ways_list, panels):
         for (label, head, reference), items in series.items():
             items.sort(key=lambda r: r.shots)
             ax.errorbar([r.shots for r in items], [r.mean for r in items], yerr=[r.ci95 or 0 for r in items],
@@ -509,7 +524,7 @@ def plot_by_shots(rows: list[Row], title: str, path: Path) -> Path:
         ax.set(xlabel="shots", ylabel="accuracy (%)", title=f"{ways}-way (dashed: references)")
         ax.grid(alpha=0.3)
         if series:
-            ax.legend(fontsize=6, ncol=2)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"{title}: accuracy by shots", fontsize=10)
     return _save_png(fig, path)
 

@@ -41,6 +41,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,7 @@ class Runtime:
     local_rank: int = 0
     autocast_dtype: torch.dtype | None = None   # bf16 / fp16 autocast, None for fp32
     channels_last: bool = False
+    flush_denormal: str = "off"                 # set_flush_denormal's answer: on | main thread only | off | ...
 
     @property
     def is_main(self) -> bool:
@@ -211,9 +213,42 @@ def init_process_group(backend: str, **kwargs) -> None:
     dist.init_process_group(backend=backend, **kwargs)
 
 
+def set_flush_denormal(enabled: bool) -> str:
+    """Flush denormal floats (magnitude < 1.2e-38) to zero in CPU arithmetic (x86 FTZ/DAZ), or stop doing so.
+
+    Returns "on", "main thread only", "off" or "unsupported" (a CPU without the modes).
+
+    Why: x86 cores take a microcode assist, ~100x the cost, for every operation on a denormal. Weight decay
+    shrinks the weights of dead channels and their Adam moments through that range: a 30-minute CPU run of
+    the CIFAR-FS best recipe with L2 5e-4 fell from ~450 to 95-250 images/s from its 7th epoch on, and a
+    training step from its epoch-7 checkpoint costs 3.0x more without flushing (scripts/bench_denormals.py;
+    docs/training.md, "Speed"). Flushing changes no value above 1.2e-38.
+
+    ``torch.set_flush_denormal`` sets the calling thread only. Intra-op worker threads inherit the mode when
+    they are created, but a pool that already exists keeps its own; a parallel multiply whose every product
+    is a denormal shows which case this is ("main thread only": set it before the process's first parallel
+    operation, as ``s2m2 train`` does).
+    """
+    if not torch.set_flush_denormal(enabled):
+        return "unsupported"
+    if not enabled:
+        return "off"
+    # 2**20 elements: several grains (32,768) for every intra-op thread.
+    products = torch.full((1 << 20,), 1e-30) * 1e-10
+    return "on" if not bool(products.count_nonzero()) else "main thread only"
+
+
 def setup_runtime(config: TrainConfig) -> Runtime:
-    """Device, precision and (under torchrun: WORLD_SIZE > 1) the process group."""
+    """Device, precision, denormal flushing and (under torchrun: WORLD_SIZE > 1) the process group."""
     rc = config.runtime
+    flush = set_flush_denormal(rc.flush_denormal)
+    if flush == "main thread only":
+        # A Python warning, not a line on stderr: only in-process use meets it (``s2m2 train`` sets the mode
+        # before any parallel operation), and there it is shown once and can be filtered.
+        warnings.warn("runtime.flush_denormal: denormals are flushed on the main thread only (the intra-op "
+                      "thread pool existed before the trainer); CPU steps may slow down when weights decay "
+                      "towards zero. Call torch.set_flush_denormal(True) before the process's first torch "
+                      "computation", RuntimeWarning, stacklevel=3)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -234,7 +269,7 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         precision = "bf16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     channels_last = rc.channels_last if rc.channels_last is not None else device.type == "cuda"
-    return Runtime(device, rank, world, local_rank, dtype, channels_last)
+    return Runtime(device, rank, world, local_rank, dtype, channels_last, flush)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -880,10 +915,12 @@ class Trainer:
         stopped, error = "finished", None
         try:
             if resumed:
-                log.record("resume", self.step, checkpoint=resumed, epoch=self.epoch, elapsed=self.elapsed)
+                log.record("resume", self.step, checkpoint=resumed, epoch=self.epoch, elapsed=self.elapsed,
+                           flush_denormal=self.rt.flush_denormal)
             else:
                 log.record("start", 0, config=c.to_dict(), data=self.data_info, world_size=self.rt.world,
-                           device=str(self.rt.device), init_from=getattr(self, "init_from", None))
+                           device=str(self.rt.device), init_from=getattr(self, "init_from", None),
+                           flush_denormal=self.rt.flush_denormal)
                 self._start_phase(0, log)
             while self.phase_index < len(self.phases):
                 phase = self.phases[self.phase_index]

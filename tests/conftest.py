@@ -7,6 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# As `s2m2 train` does, before this process's first parallel torch operation, so the intra-op threads
+# inherit it: the in-process Trainers of the tests then train as CLI runs do (runtime.flush_denormal "on")
+# instead of warning that only the main thread flushes (s2m2.trainer.set_flush_denormal).
+torch.set_flush_denormal(True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("S2M2_SHARED", REPO.parent / "shared"))

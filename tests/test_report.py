@@ -443,3 +443,29 @@ def test_reference_rows_without_an_episode_count_say_not_stated(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| published: R2D2 (reference) |"))
     assert "65.30 ± 0.20" in row and "79.40 ± 0.10" in row
     assert row.split("|")[6].strip() == "not stated"
+
+
+def test_plots_of_a_report_with_dozens_of_long_labelled_runs_keep_every_label(tmp_path):
+    """docs/results.md holds 30+ CIFAR-FS runs whose labels run to 100 characters. The by-method chart then
+    squeezed its axes to nothing under rotated labels and the by-shots legend overflowed its figure
+    (matplotlib: "constrained_layout not applied"); both charts now grow with their rows."""
+    import warnings
+
+    from PIL import Image
+
+    recs = tmp_path / "records"
+    recs.mkdir()
+    run = make_run(tmp_path / "run", "manifold_mixup")
+    for i in range(36):
+        variant = f"best recipe, Conv-4 widths 64-128-256-512, pool first, a variant of a long series, number {i:02d}"
+        for head in ("logreg", "ncm"):
+            make_record(recs / f"r{i}-{head}.json", run, "manifold_mixup", head, {1: 50 + i * 0.3, 5: 70 + i * 0.2},
+                        provenance={"method": "manifold_mixup", "variant": variant})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layout matplotlib gave up on is a failure, not a log line
+        build_report([recs], tmp_path / "r.md", tmp_path / "plots")
+    by_method, = (tmp_path / "plots").glob("*_by_method.png")
+    by_shots, = (tmp_path / "plots").glob("*_by_shots.png")
+    # one line of ~0.3 inch per method at 110 dpi; one legend entry of ~0.14 inch per (method, head)
+    assert Image.open(by_method).height > 36 * 0.3 * 110
+    assert Image.open(by_shots).height > 72 * 0.14 * 110

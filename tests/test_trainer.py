@@ -4,6 +4,8 @@ config handling, multi-split data, checkpoint payload; plus the shipped configs.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,39 @@ def test_every_method_trains_and_its_loss_falls(tiny_data, tmp_path, method):
     records = [json.loads(line) for line in (tmp_path / method / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records].count("epoch") == 4
     assert sum(r["type"] == "step" for r in records) == summary["steps"]
+    assert records[0]["type"] == "start" and records[0]["flush_denormal"] == "on"  # conftest sets it first
+
+
+# A fresh interpreter per case: whether intra-op worker threads flush depends on whether the pool existed
+# before the trainer set the mode, which a pytest process cannot undo.
+_FLUSH_PROBE = """
+import json, sys, torch
+from s2m2.config import load_config
+from s2m2.trainer import setup_runtime
+torch.set_num_threads(2)
+if sys.argv[2] == "late":
+    torch.full((1 << 20,), 2.0).mul(3.0)  # a parallel operation: the worker threads exist from here on
+runtime = setup_runtime(load_config(None, [f"runtime.flush_denormal={sys.argv[1]}"]))
+products = torch.full((1 << 20,), 1e-30) * 1e-10  # every product is a denormal (1e-40)
+print(json.dumps([runtime.flush_denormal, int(products.count_nonzero())]))
+"""
+
+
+@pytest.mark.parametrize("setting, when, status, all_flushed", [
+    ("true", "first", "on", True),                     # s2m2 train: set before any parallel operation
+    ("false", "first", "off", False),                  # the IEEE default, kept on request
+    ("true", "late", "main thread only", False),       # an existing pool keeps its mode: reported, not hidden
+])
+def test_training_runtime_flushes_denormals_on_every_cpu_thread(setting, when, status, all_flushed):
+    out = subprocess.run([sys.executable, "-c", _FLUSH_PROBE, setting, when], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    reported, nonzero = json.loads(out.stdout.strip().splitlines()[-1])
+    if reported == "unsupported":
+        pytest.skip("this CPU has no flush-to-zero mode")
+    assert reported == status
+    assert (nonzero == 0) == all_flushed, out.stdout
+    if status == "main thread only":
+        assert "flushed on the main thread only" in out.stderr
 
 
 def _assert_same_state(a: dict, b: dict):
