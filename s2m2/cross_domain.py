@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"FILE") from None
         payload = features_for_checkpoint(checkpoint, cub, "novel", features_path, transform=transform,
                                           batch_size=args.batch_size, device=args.device,
-                                          progress=not args.no_progress, precision=args.precision)
+                                          progress=not args.no_progress, precision=args.precision,
+                                          views=args.views)
         results, head_options, transform_record, threads = evaluate_payload(payload, args, skip_impossible=True)
     except (OSError, PreparedDataError, FeaturesError, ValueError) as err:  # CheckpointError too
         print(f"s2m2 cross-domain: error: {describe_error(err)}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """Frozen-feature extraction with a cache, and the ``s2m2 features`` command.
 
     s2m2 features --checkpoint CKPT --data DIR --split novel --out FILE [--resize 92 --crop 80]
+                  [--views centre|flip|ten_crop]
 
 Features are computed in eval mode, without gradients, on uint8 batches read straight from the prepared
 split's memmap; the test transform (:class:`s2m2.data.transforms.EvalTransform`) runs on the whole batch on
-the compute device. ``--precision`` (default ``auto``: bf16 autocast on CUDA, fp32 elsewhere; ``fp32``
+the compute device. ``--views`` (default ``centre``, the release's single centre crop) averages each
+image's features over its mirrored or ten-crop views (test-time augmentation, recorded with the transform).
+``--precision`` (default ``auto``: bf16 autocast on CUDA, fp32 elsewhere; ``fp32``
 restores full precision on CUDA) is recorded in the file and part of the cache key. On CUDA the backbone
 runs with channels_last memory format.
 
@@ -16,6 +19,7 @@ checkpoint, data and transform finds the file with the same key and does no work
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -28,7 +32,7 @@ import torch
 from s2m2.data.prepared import PreparedDataError, PreparedSplit, open_split
 from s2m2.cli import (CommandParser, describe_error, device_arg, int_at_least, interrupt_point, output_file,
                       same_file)
-from s2m2.data.transforms import EvalTransform
+from s2m2.data.transforms import VIEWS, EvalTransform
 from s2m2.utils import atomic_torch_save
 
 FEATURES_FORMAT = "s2m2-features"
@@ -65,7 +69,7 @@ def _autocast(precision: str, device: torch.device):
 def extract_features(backbone: torch.nn.Module, split: PreparedSplit, transform: EvalTransform,
                      batch_size: int = 256, device: str | torch.device = "cpu",
                      progress: bool = True, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image of ``split``, in row order.
+    """Features of every image of ``split``, in row order: the mean over ``transform``'s views.
 
     ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16" or "fp16" (autocast
     dtypes); see :func:`resolve_precision`.
@@ -92,12 +96,15 @@ def extract_features(backbone: torch.nn.Module, split: PreparedSplit, transform:
         for start in starts:
             # Contiguous slice of the memmap: one sequential read, uint8 until on the device.
             batch = torch.from_numpy(split.images[start:start + batch_size].copy()).to(device, non_blocking=True)
-            x = transform(batch)
-            if on_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(precision, device):
-                out = backbone(x)
-            chunks.append(out.float().cpu())
+            views = transform.view_batches(batch)
+            out = None
+            for x in views:  # one view at a time: peak memory as for one crop
+                if on_cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(precision, device):
+                    feats = backbone(x).float()
+                out = feats if out is None else out.add_(feats)
+            chunks.append((out if len(views) == 1 else out / len(views)).cpu())
             interrupt_point("features")
     finally:
         backbone.train(was_training)
@@ -121,8 +128,8 @@ def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch
     """Write a features file atomically.
 
     Contents: format/format_version, cache_key, features (N, D) float32, labels (N,) int64, class_names,
-    dataset {name, split, fingerprint, root}, transform {resize, crop, key, default: chosen from the
-    checkpoint rather than given}, precision (resolved: fp32, bf16 or fp16), checkpoint {path, source,
+    dataset {name, split, fingerprint, root}, transform {resize, crop, views, key, default: resize and crop
+    chosen from the checkpoint rather than given}, precision (resolved: fp32, bf16 or fp16), checkpoint {path, source,
     fingerprint, backbone, epoch, config}, seconds (extraction wall time).
     """
     atomic_torch_save({
@@ -134,7 +141,8 @@ def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch
         "class_names": list(split.class_names),
         "dataset": {"name": split.meta.get("dataset"), "split": split.split, "fingerprint": split.fingerprint(),
                     "root": str(split.root)},
-        "transform": {"resize": transform.resize, "crop": transform.crop, "key": transform.key(),
+        "transform": {"resize": transform.resize, "crop": transform.crop, "views": transform.views,
+                      "key": transform.key(),
                       "default": default_transform},
         "precision": precision,
         "checkpoint": checkpoint,
@@ -186,8 +194,11 @@ def default_transform(info: dict[str, Any]) -> EvalTransform:
 def features_for_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, split_name: str,
                             out: str | os.PathLike, *, transform: EvalTransform | None = None,
                             batch_size: int = 256, device: str = "cpu", progress: bool = True,
-                            log=print, precision: str = "auto") -> dict[str, Any]:
+                            log=print, precision: str = "auto", views: str = "centre") -> dict[str, Any]:
     """Extract (or reuse cached) features of ``data/split_name`` with ``checkpoint``; return the payload.
+
+    ``views`` applies to the checkpoint's default transform (``transform=None``); a given ``transform``
+    carries its own.
 
     Cache: ``out`` is reused when it holds features with the same key (checkpoint file fingerprint, split
     fingerprint, transform, resolved ``precision``). With ``transform=None`` (the checkpoint's default) a
@@ -210,14 +221,14 @@ def features_for_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLi
         except FeaturesError as err:
             log(f"features: ignoring unreadable cache {out} ({err})")
     if cached is not None and transform is None and cached.get("transform", {}).get("default", False):
-        resize, crop = cached["transform"]["resize"], cached["transform"]["crop"]
-        if cached["cache_key"] == cache_key(ckpt_fp, split_fp, EvalTransform(resize, crop), precision):
-            transform = EvalTransform(resize, crop)  # the default recorded for this very checkpoint
+        recorded = EvalTransform(cached["transform"]["resize"], cached["transform"]["crop"], views=views)
+        if cached["cache_key"] == cache_key(ckpt_fp, split_fp, recorded, precision):
+            transform = recorded  # the default recorded for this very checkpoint
     backbone = info = None
     is_default = transform is None
     if transform is None:
         backbone, info = load_backbone(checkpoint, map_location="cpu")
-        transform = default_transform(info)
+        transform = dataclasses.replace(default_transform(info), views=views)
     key = cache_key(ckpt_fp, split_fp, transform, precision)
     if cached is not None:
         if cached["cache_key"] == key:
@@ -244,6 +255,9 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int_at_least(1), help="test-time resize (default: from the checkpoint's "
                    "config, else 92)")
     p.add_argument("--crop", type=int_at_least(1), help="test-time centre crop (default: from the config, else 80)")
+    p.add_argument("--views", choices=VIEWS, default="centre",
+                   help="test views averaged per image: centre = the release's centre crop (default); flip = "
+                        "+ its mirror; ten_crop = 4 corners + centre, each mirrored (recorded in the file)")
     p.add_argument("--batch-size", type=int_at_least(1), default=256)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="backbone precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp32 = full precision "
@@ -251,7 +265,8 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
 
 
 def transform_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalTransform | None:
-    """The --resize/--crop transform, None for the checkpoint's default; a one-line error when they clash."""
+    """The --resize/--crop/--views transform, None for the checkpoint's default resize and crop (its views
+    then go to :func:`features_for_checkpoint` as ``views``); a one-line error when they clash."""
     if (args.resize is None) != (args.crop is None):
         parser.error("give both --resize and --crop, or neither")
     if args.resize is None:
@@ -259,7 +274,7 @@ def transform_from_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.crop > args.resize:
         parser.error(f"--crop {args.crop} is larger than --resize {args.resize}; the crop is taken inside "
                      f"the resized image")
-    return EvalTransform(args.resize, args.crop)
+    return EvalTransform(args.resize, args.crop, views=args.views)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payload = features_for_checkpoint(args.checkpoint, args.data, args.split, args.out, transform=transform,
                                           batch_size=args.batch_size, device=args.device,
-                                          progress=not args.no_progress, precision=args.precision)
+                                          progress=not args.no_progress, precision=args.precision,
+                                          views=args.views)
     except (OSError, PreparedDataError, FeaturesError, ValueError) as err:  # CheckpointError too
         print(f"s2m2 features: error: {describe_error(err)}", file=sys.stderr)
         return 2

@@ -283,10 +283,13 @@ def section_of(record: dict[str, Any]) -> str:
 
 
 def head_label(record: dict[str, Any]) -> str:
-    """The head, with the feature transforms applied before it (``s2m2 evaluate --power/--center/--l2``): a
-    record evaluated on transformed features must not read like one on raw features."""
+    """The head, with the test views and feature transforms its features had (``s2m2 features --views``,
+    ``s2m2 evaluate --power/--center/--l2``): a record evaluated on ten-crop or transformed features must not
+    read like one on the release's single centre crop and raw features."""
     ft = record.get("feature_transform") or {}
-    parts = ([f"power {ft['power']:g}"] if ft.get("power") is not None else []) + \
+    views = ((record.get("features") or {}).get("transform") or {}).get("views", "centre")
+    parts = ([] if views == "centre" else [f"{views.replace('_', '-')} views"]) + \
+        ([f"power {ft['power']:g}"] if ft.get("power") is not None else []) + \
         (["centred"] if ft.get("center") else []) + (["L2"] if ft.get("l2") else [])
     name = record["head"]["name"]
     return f"{name} ({', '.join(parts)})" if parts else name

@@ -3,7 +3,7 @@
     scripts/ablation.py --dataset cifar-fs --budget-minutes 30 [--out checkpoints/ablation/cifar-fs]
                         [--methods baseline rotation ...] [--episodes 10000] [--data data/cifar-fs]
                         [--source ../shared/data/cifar100/cifar-100-python.tar.gz] [--set key=value ...]
-                        [--variant LABEL]
+                        [--variant LABEL] [--eval-views centre|flip|ten_crop]
 
 Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m2.cli``):
 
@@ -16,7 +16,9 @@ Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m
 3. ``s2m2 features``  of the novel split (``best.pt`` if the run validated, else ``last.pt``; recorded);
 4. ``s2m2 evaluate``  5-way 1- and 5-shot, ``--episodes`` episodes, 15 queries, seed 0, heads logreg, cosine
                       and ncm -> ``OUT/records/<method>-<head>.json`` (skipped when a record of the same
-                      checkpoint and protocol exists);
+                      checkpoint and protocol exists). ``--eval-views flip|ten_crop`` averages each image's
+                      features over its test views and writes ``<method>-<head>-<views>.json`` beside them
+                      (the cross-domain step below then uses the same views);
 5. ``s2m2 cross-domain`` the best backbone (novel 5-way 5-shot, logreg) on the CUB sample in
                       ``../shared/data/cub_sample`` (3 images per class: 1-shot with 2 queries; 5-shot is
                       recorded as skipped);
@@ -42,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from s2m2.data.transforms import VIEWS  # noqa: E402
 from s2m2.report import add_provenance, dataset_title, hardware_info, read_json_or_none  # noqa: E402
 
 METHODS = ("baseline", "baseline++", "rotation", "exemplar", "manifold_mixup", "s2m2_r", "s2m2_e")
@@ -160,14 +163,21 @@ def recipe_changes(config: Path, run: Path, data: Path, budget: float, overrides
             if not key.startswith("runtime.") and key not in ("data.root", "schedule.budget_minutes")]
 
 
-def same_record(record_path: Path, fingerprint: str, episodes: int) -> bool:
-    """True when ``record_path`` already holds this checkpoint's evaluation with this many episodes."""
+def same_record(record_path: Path, fingerprint: str, episodes: int, views: str = "centre") -> bool:
+    """True when ``record_path`` already holds this checkpoint's evaluation with this many episodes and
+    these test views."""
     record = read_json_or_none(record_path)
     if not record or record.get("format") not in ("s2m2-evaluation", "s2m2-cross-domain"):
         return False
     ckpt = (record.get("features") or {}).get("checkpoint") or {}
-    return ckpt.get("fingerprint") == fingerprint and all(r.get("episodes") == episodes
-                                                         for r in record.get("results", []))
+    recorded_views = ((record.get("features") or {}).get("transform") or {}).get("views", "centre")
+    return (ckpt.get("fingerprint") == fingerprint and recorded_views == views
+            and all(r.get("episodes") == episodes for r in record.get("results", [])))
+
+
+def views_suffix(views: str) -> str:
+    """File-name suffix of records and features made with these test views ("" for the centre crop)."""
+    return "" if views == "centre" else f"-{views}"
 
 
 def checkpoint_of(run: Path) -> Path:
@@ -179,19 +189,21 @@ def checkpoint_of(run: Path) -> Path:
 
 
 def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int, heads: list[str],
-                    hardware: dict, train_log: Path, variant: str | None = None) -> list[Path]:
+                    hardware: dict, train_log: Path, variant: str | None = None, views: str = "centre") -> list[Path]:
     """Features of the novel split, then one record per head (skipped when already there; its ``variant``
-    label is still brought up to date)."""
+    label is still brought up to date). Test views other than the centre crop get files of their own
+    (``-ten_crop`` after the head), beside the centre-crop records."""
     from s2m2.checkpoint import file_fingerprint
 
     checkpoint = checkpoint_of(run)
     fingerprint = file_fingerprint(checkpoint)
-    features = out / "features" / f"{method}-novel.pt"
+    suffix = views_suffix(views)
+    features = out / "features" / f"{method}-novel{suffix}.pt"
     features_step = None
     records = []
     for head in heads:
-        record = out / "records" / f"{method}-{head}.json"
-        if same_record(record, fingerprint, episodes):
+        record = out / "records" / f"{method}-{head}{suffix}.json"
+        if same_record(record, fingerprint, episodes, views):
             print(f"evaluate {method} {head}: record of this checkpoint exists, skipped ({record})")
             if ((read_json_or_none(record) or {}).get("provenance") or {}).get("variant") != variant:
                 add_provenance(record, variant=variant)
@@ -199,7 +211,7 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
             continue
         if features_step is None:
             features_step = s2m2(["features", "--checkpoint", str(checkpoint), "--data", str(data),
-                                  "--split", "novel", "--out", str(features)])
+                                  "--split", "novel", "--out", str(features), "--views", views])
             if features_step.exit:
                 raise AblationError(f"`{features_step.command}` failed (exit {features_step.exit})")
         step = s2m2(["evaluate", "--features", str(features), "--ways", "5", "--shots", "1", "5",
@@ -216,11 +228,11 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
     return records
 
 
-def best_method(records_dir: Path, methods: list[str]) -> str | None:
-    """The method with the highest novel 5-way 5-shot logreg accuracy."""
+def best_method(records_dir: Path, methods: list[str], views: str = "centre") -> str | None:
+    """The method with the highest novel 5-way 5-shot logreg accuracy (with these test views)."""
     scores = {}
     for method in methods:
-        record = read_json_or_none(records_dir / f"{method}-logreg.json") or {}
+        record = read_json_or_none(records_dir / f"{method}-logreg{views_suffix(views)}.json") or {}
         for r in record.get("results", []):
             if r.get("ways") == 5 and r.get("shots") == 5 and "mean" in r:
                 scores[method] = r["mean"]
@@ -228,7 +240,7 @@ def best_method(records_dir: Path, methods: list[str]) -> str | None:
 
 
 def cross_domain(method: str, run: Path, cub_source: Path, cub: Path, out: Path, episodes: int, heads: list[str],
-                 hardware: dict, dataset: str, train_log: Path) -> list[Path]:
+                 hardware: dict, dataset: str, train_log: Path, views: str = "centre") -> list[Path]:
     """The best backbone on the CUB sample: 1-shot with 2 queries (3 images per class); 5-shot is skipped."""
     from s2m2.checkpoint import file_fingerprint
     from s2m2.data import open_split
@@ -247,15 +259,15 @@ def cross_domain(method: str, run: Path, cub_source: Path, cub: Path, out: Path,
     fingerprint = file_fingerprint(checkpoint)
     records = []
     for head in heads:
-        record = out / "records" / f"cross-domain-{method}-{head}.json"
-        if same_record(record, fingerprint, episodes):
+        record = out / "records" / f"cross-domain-{method}-{head}{views_suffix(views)}.json"
+        if same_record(record, fingerprint, episodes, views):
             print(f"cross-domain {head}: record of this checkpoint exists, skipped ({record})")
             records.append(record)
             continue
         step = s2m2(["cross-domain", "--checkpoint", str(checkpoint), "--cub", str(cub), "--shots", "1", "5",
                      "--queries", "2", "--episodes", str(episodes), "--seed", "0", "--head", head, "--threads", "1",
-                     "--no-progress", "--features-out", str(out / "features" / f"cub-{method}.pt"),
-                     "--out", str(record)])
+                     "--no-progress", "--features-out", str(out / "features" / f"cub-{method}{views_suffix(views)}.pt"),
+                     "--views", views, "--out", str(record)])
         if step.exit:
             raise AblationError(f"`{step.command}` failed (exit {step.exit})")
         add_provenance(record, method=method, run_dir=str(run), section=section,
@@ -280,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
     p.add_argument("--episodes", type=int, default=10000)
+    p.add_argument("--eval-views", choices=VIEWS, default="centre",
+                   help="test views averaged per image (s2m2 features --views): centre = the release's single "
+                        "centre crop; flip; ten_crop. Records of other views are kept beside the centre ones")
     p.add_argument("--data", type=Path, help="prepared dataset folder (default: data/<dataset>)")
     p.add_argument("--source", type=Path, help="downloaded files, to prepare --data when missing")
     p.add_argument("--configs", type=Path, help="budget recipes folder (default: configs/<dataset>/budget)")
@@ -320,16 +335,17 @@ def main(argv: list[str] | None = None) -> int:
             if not any(run.glob("curves_*.png")):
                 from s2m2.plots import plot_run
                 plot_run(run)  # the trainer draws them at the end of fit; this covers runs made before that
-            evaluate_method(method, run, data, out, args.episodes, args.heads, hardware, log, args.variant)
+            evaluate_method(method, run, data, out, args.episodes, args.heads, hardware, log, args.variant,
+                            args.eval_views)
         if not args.no_cross_domain:
-            best = best_method(out / "records", args.methods)
+            best = best_method(out / "records", args.methods, args.eval_views)
             if best is None:
                 print("cross-domain: no 5-way 5-shot logreg record, skipped")
             else:
                 print(f"\n=== cross-domain: {best} (best novel 5-way 5-shot logreg) -> CUB sample", flush=True)
                 cross_domain(best, out / "runs" / best, cub_source, cub_data, out,
                              args.episodes, args.heads, hardware, args.dataset,
-                             out / "commands" / f"train-{best}.jsonl")
+                             out / "commands" / f"train-{best}.jsonl", args.eval_views)
         print("\n=== report", flush=True)
         step = s2m2(["report", str(out / "records"), *reference_records(references, args.dataset),
                      "--out", str(out / "report.md"), "--plots-dir", str(out / "report"),

@@ -142,21 +142,28 @@ def test_ablation_refuses_an_ended_run_trained_with_another_recipe(tmp_path, mon
     assert calls == []
 
 
-def test_ablation_variant_label_reaches_records_that_already_exist(tmp_path, monkeypatch):
-    """`--variant` on a rerun relabels the records it skips (same checkpoint, same protocol), evaluating nothing."""
+def write_run_and_ncm_record(root: Path, provenance: dict, features: dict | None = None) -> tuple[Path, Path, Path]:
+    """A run folder with a best.pt and an ablation output folder holding an ncm record (10 episodes) of
+    exactly that checkpoint: ``(run, out, record)``."""
     from s2m2.checkpoint import file_fingerprint
 
-    ablation = load_ablation_module()
-    monkeypatch.setattr(ablation, "s2m2", lambda argv, log=None: pytest_fail(argv))
-    run, out = tmp_path / "run", tmp_path / "out"
+    run, out = root / "run", root / "out"
     run.mkdir()
     (run / "best.pt").write_bytes(b"checkpoint")
-    record = out / "records" / "s2m2_r-ncm.json"
+    record = out / "records" / f"{provenance['method']}-ncm.json"
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({
         "format": "s2m2-evaluation", "head": {"name": "ncm"}, "results": [{"episodes": 10}],
-        "features": {"checkpoint": {"fingerprint": file_fingerprint(run / "best.pt")}},
-        "provenance": {"method": "s2m2_r", "date": "D"}}))
+        "features": {"checkpoint": {"fingerprint": file_fingerprint(run / "best.pt")}, **(features or {})},
+        "provenance": provenance}))
+    return run, out, record
+
+
+def test_ablation_variant_label_reaches_records_that_already_exist(tmp_path, monkeypatch):
+    """`--variant` on a rerun relabels the records it skips (same checkpoint, same protocol), evaluating nothing."""
+    ablation = load_ablation_module()
+    monkeypatch.setattr(ablation, "s2m2", lambda argv, log=None: pytest_fail(argv))
+    run, out, record = write_run_and_ncm_record(tmp_path, {"method": "s2m2_r", "date": "D"})
     for variant in ("crop_scale 0.35-1", None):
         assert ablation.evaluate_method("s2m2_r", run, tmp_path / "data", out, 10, ["ncm"], {}, tmp_path / "log",
                                         variant) == [record]
