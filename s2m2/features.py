@@ -104,7 +104,7 @@ def extract_features(backbone: torch.nn.Module, split: PreparedSplit, transform:
                 with _autocast(precision, device):
                     feats = backbone(x).float()
                 out = feats if out is None else out.add_(feats)
-            chunks.append((out if len(views) == 1 else out / len(views)).cpu())
+            chunks.append(out.div_(len(views)).cpu())  # / 1 is exact: one view keeps its features
             interrupt_point("features")
     finally:
         backbone.train(was_training)

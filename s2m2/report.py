@@ -282,12 +282,18 @@ def section_of(record: dict[str, Any]) -> str:
     return f"{dataset_title(dataset.get('name'))} ({dataset.get('split', '?')} classes)"
 
 
+def record_views(record: dict[str, Any]) -> str:
+    """The test views (``s2m2 features --views``) of a record's features; "centre" for records made before
+    views were a choice."""
+    return ((record.get("features") or {}).get("transform") or {}).get("views", "centre")
+
+
 def head_label(record: dict[str, Any]) -> str:
     """The head, with the test views and feature transforms its features had (``s2m2 features --views``,
     ``s2m2 evaluate --power/--center/--l2``): a record evaluated on ten-crop or transformed features must not
     read like one on the release's single centre crop and raw features."""
     ft = record.get("feature_transform") or {}
-    views = ((record.get("features") or {}).get("transform") or {}).get("views", "centre")
+    views = record_views(record)
     parts = ([] if views == "centre" else [f"{views.replace('_', '-')} views"]) + \
         ([f"power {ft['power']:g}"] if ft.get("power") is not None else []) + \
         (["centred"] if ft.get("center") else []) + (["L2"] if ft.get("l2") else [])

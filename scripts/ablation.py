@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from s2m2.data.transforms import VIEWS  # noqa: E402
-from s2m2.report import add_provenance, dataset_title, hardware_info, read_json_or_none  # noqa: E402
+from s2m2.report import add_provenance, dataset_title, hardware_info, read_json_or_none, record_views  # noqa: E402
 
 METHODS = ("baseline", "baseline++", "rotation", "exemplar", "manifold_mixup", "s2m2_r", "s2m2_e")
 HEADS = ("logreg", "cosine", "ncm")
@@ -170,8 +170,7 @@ def same_record(record_path: Path, fingerprint: str, episodes: int, views: str =
     if not record or record.get("format") not in ("s2m2-evaluation", "s2m2-cross-domain"):
         return False
     ckpt = (record.get("features") or {}).get("checkpoint") or {}
-    recorded_views = ((record.get("features") or {}).get("transform") or {}).get("views", "centre")
-    return (ckpt.get("fingerprint") == fingerprint and recorded_views == views
+    return (ckpt.get("fingerprint") == fingerprint and record_views(record) == views
             and all(r.get("episodes") == episodes for r in record.get("results", [])))
 
 

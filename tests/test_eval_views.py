@@ -143,3 +143,33 @@ def test_ablation_picks_the_cross_domain_backbone_from_records_of_the_same_views
     assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"]) == "s2m2_r"
     assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"], "ten_crop") == "baseline"
     assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"], "flip") is None  # no flip records
+
+
+def test_ablation_cross_domain_step_uses_the_same_views(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import s2m2.data
+
+    ablation = load_ablation_module()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"checkpoint")
+    split = SimpleNamespace(labels=[0, 1, 2], class_names=["a", "b", "c"])
+    monkeypatch.setattr(ablation, "prepare", lambda *args: None)
+    monkeypatch.setattr(s2m2.data, "open_split", lambda root, name: split)
+    ran = []
+
+    def fake_s2m2(argv, log=None):
+        ran.append(argv)
+        with open(argv[argv.index("--out") + 1], "w") as f:
+            json.dump({"format": "s2m2-cross-domain", "results": [], "features": {}, "head": {"name": "ncm"}}, f)
+        return ablation.Step(command=" ".join(argv), date="", exit=0, seconds=0.0)
+
+    monkeypatch.setattr(ablation, "s2m2", fake_s2m2)
+    (tmp_path / "records").mkdir()
+    records = ablation.cross_domain("s2m2_r", run, tmp_path / "src", tmp_path / "cub", tmp_path, 10, ["ncm"], {},
+                                    "cifar-fs", tmp_path / "log", "ten_crop")
+    assert records == [tmp_path / "records" / "cross-domain-s2m2_r-ncm-ten_crop.json"]
+    [argv] = ran
+    assert argv[0] == "cross-domain" and argv[argv.index("--views") + 1] == "ten_crop"
+    assert argv[argv.index("--features-out") + 1].endswith("cub-s2m2_r-ten_crop.pt")
