@@ -284,13 +284,17 @@ def _build_our_head(role: str, spec: Mapping, state: Mapping[str, torch.Tensor],
     return head
 
 
-def _load_ours(payload: dict, path: Path, with_heads: bool) -> LoadedModel:
+def _load_ours(payload: dict, path: Path, with_heads: bool, ema: bool = True) -> LoadedModel:
     _validate_ours(payload, path)
+    weights = "ema" if ema and "ema_state" in payload else "trained"
+    states = payload["ema_state" if weights == "ema" else "state"]
+    if not isinstance(states, Mapping) or "backbone" not in states:
+        raise CheckpointError(f"{path}: 'ema_state' must be a dict with a 'backbone' state dict")
     backbone = _build_backbone(payload["backbone"], path)
-    load_state_strict(backbone, payload["state"]["backbone"], f"{path} [backbone]")
+    load_state_strict(backbone, states["backbone"], f"{path} [{'EMA ' if weights == 'ema' else ''}backbone]")
     classifier = ss_head = None
     if with_heads:
-        heads, states = payload.get("heads") or {}, payload["state"]
+        heads = payload.get("heads") or {}
         for role in ("classifier", "ss_head"):
             if role in heads and heads[role] is not None:
                 if role not in states:
@@ -298,7 +302,8 @@ def _load_ours(payload: dict, path: Path, with_heads: bool) -> LoadedModel:
                 head = _build_our_head(role, heads[role], states[role], backbone.feature_dim, path)
                 classifier, ss_head = (head, ss_head) if role == "classifier" else (classifier, head)
     info = {"source": "s2m2", "backbone": _plain_spec(payload["backbone"]), "epoch": payload.get("epoch"),
-            "config": payload.get("config"), "method": payload.get("method"), "phase": payload.get("phase")}
+            "config": payload.get("config"), "method": payload.get("method"), "phase": payload.get("phase"),
+            "weights": weights}
     return LoadedModel(backbone, classifier, ss_head, info)
 
 
@@ -338,14 +343,17 @@ def _plain_spec(spec: Mapping) -> dict:
     return {"name": spec["name"], "kwargs": dict(spec.get("kwargs", {}))}
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu", with_heads: bool = True) -> LoadedModel:
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", with_heads: bool = True,
+               ema: bool = True) -> LoadedModel:
     """Backbone (+ classifier / self-supervised head when present) from our or the release's checkpoint.
 
     ``info``: ``source`` ("s2m2" | "release-mixup" | "release-rotation"), ``backbone`` ({"name",
     "kwargs"}, enough for ``create_backbone``), ``epoch``, ``config`` (ours: the training config, else
     None), ``fingerprint`` (16 hex chars of the file's sha256) and ``path``. The modules are built on
     the CPU in eval mode (``map_location`` only steers ``torch.load``); move them with ``.to(device)``.
-    A bare release state dict (no ``{"epoch", "state"}`` wrapper) loads too, with ``epoch`` None.
+    A run trained with ``optim.ema_decay`` stores the weights' moving average beside them: ``ema=True``
+    loads the average (what the run validated; ``info["weights"] == "ema"``), ``ema=False`` the trained
+    weights (``"trained"``, also every checkpoint without an average). A bare release state dict (no ``{"epoch", "state"}`` wrapper) loads too, with ``epoch`` None.
     """
     path = Path(path)
     payload = read_payload(path, map_location)
@@ -353,7 +361,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", with_heads: b
         source = checkpoint_source(payload)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    loaded = (_load_ours(payload, path, with_heads) if source == "s2m2"
+    loaded = (_load_ours(payload, path, with_heads, ema) if source == "s2m2"
               else _load_release(payload, path, source, with_heads))
     loaded.info.update(fingerprint=file_fingerprint(path), path=str(path))
     for module in (loaded.backbone, loaded.classifier, loaded.ss_head):

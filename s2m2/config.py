@@ -61,6 +61,9 @@ class MethodConfig:
     mixup_alpha: float = 2.0             # lam ~ Beta(alpha, alpha), spec §4
     ss_weight: float = 0.5               # weight of the self-supervised loss (spec §5: 0.5*CE_cls + 0.5*CE_ss)
     exemplar_views: int = 4              # random augmentations per image for the exemplar loss (Eq. 14)
+    # Which of the backbone's mixup points a batch may be mixed at (0 = the input, i = after block i); null:
+    # all of them, uniformly (the release: input and after each WRN block, spec §4).
+    mixup_points: list[int] | None = None
     # s2m2_r/_e phase 2: the share of the batch whose 4 rotations (or views) give the self-supervised loss.
     # The release's B/4 (spec §5) makes that pass cost as much as the mixup pass; budget recipes lower it.
     ss_fraction: float = 0.25
@@ -76,6 +79,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9                # sgd only
+    # An exponential moving average of the weights (s2m2/ema.py), per optimizer step with a warm-up; the
+    # average is what is validated and evaluated. None: off (the release has none).
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -346,7 +352,15 @@ def _validate_values(config: TrainConfig) -> None:
         raise ConfigError(f"validation.head {v.head!r} is not one of {list(HEADS)}")
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    if o.ema_decay is not None and (not isinstance(o.ema_decay, (int, float)) or isinstance(o.ema_decay, bool)
+                                    or not 0 < o.ema_decay < 1):
+        raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in (0, 1) (e.g. 0.999), or null for no EMA")
     _positive("method.mixup_alpha", config.method.mixup_alpha)
+    points = config.method.mixup_points
+    if points is not None and (not isinstance(points, list) or not points or len(set(points)) != len(points)
+                               or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in points)):
+        raise ConfigError(f"method.mixup_points={points!r} must be a non-empty list of distinct mixup-point "
+                          f"indices >= 0 (0 = the input), or null for all of the backbone's points")
     _positive("method.ss_weight", config.method.ss_weight, allow_zero=True)
     if not 0 < config.method.ss_fraction <= 1:
         raise ConfigError(f"method.ss_fraction={config.method.ss_fraction} must be in (0, 1]: the share of the "

@@ -243,7 +243,8 @@ def features_for_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLi
                                      progress=progress, precision=precision)
     seconds = time.perf_counter() - start
     ckpt_info = {"path": str(checkpoint.absolute()), "source": info.get("source"), "fingerprint": ckpt_fp,
-                 "backbone": info.get("backbone"), "epoch": info.get("epoch"), "config": info.get("config")}
+                 "backbone": info.get("backbone"), "epoch": info.get("epoch"), "config": info.get("config"),
+                 "weights": info.get("weights")}
     save_features(out, feats, labels, split=split, transform=transform, checkpoint=ckpt_info, key=key,
                   seconds=seconds, default_transform=is_default, precision=precision)
     log(f"features: wrote {out} ({tuple(feats.shape)}, {precision}, {seconds:.1f}s, key {key})")

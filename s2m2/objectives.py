@@ -137,6 +137,7 @@ class StepContext:
     """What a step function needs from the trainer.
 
     model: TrainModel or its DDP wrapper.   num_mix_points: the backbone's mixup points.
+    mixup_points: the points a batch may be mixed at (``method.mixup_points``); None: all of them.
     transform: uint8 (B, H, W, C) + generator -> float (B, 3, S, S) (the training augmentation, or the
         evaluation transform when augmentation is off).
     view_augment: the random augmentation used for exemplar views (always random: the views define the
@@ -153,6 +154,7 @@ class StepContext:
     ss_weight: float = 0.5
     exemplar_views: int = 4
     ss_fraction: float = 0.25
+    mixup_points: tuple[int, ...] | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
 
@@ -224,7 +226,11 @@ def step_exemplar(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) 
 
 
 def _mixup_pass(ctx: StepContext, x: torch.Tensor, labels: torch.Tensor):
-    spec = sample_mix(ctx.num_mix_points, len(labels), ctx.mixup_alpha, ctx.generator, labels.device)
+    points = ctx.mixup_points
+    spec = sample_mix(ctx.num_mix_points if points is None else len(points), len(labels), ctx.mixup_alpha,
+                      ctx.generator, labels.device)
+    if points is not None:  # the draw picked a position in the allowed list
+        spec = MixSpec(layer=points[spec.layer], lam=spec.lam, perm=spec.perm)
     with ctx.autocast():
         _, logits, _ = ctx.model(ctx.prepare(x), mix_spec=spec)
     loss = mixup_cross_entropy(logits.float(), labels, spec)

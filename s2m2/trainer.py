@@ -28,6 +28,9 @@ and saved, and the run ends with ``stopped: budget`` and a resumable ``last.pt``
 ``schedule.lr_schedule: cosine`` the learning rate follows a cosine to 0 over each phase's share of the
 budget (or over its epochs without a budget). A time-driven schedule is, by nature, not bit-exact across
 resumes or machines; everything else above still is.
+
+Moving average. With ``optim.ema_decay`` an average of the weights (``s2m2/ema.py``) is updated after every
+optimizer step, restarted at each phase, validated instead of the trained weights and saved beside them.
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from s2m2.config import PHASE1_METHOD, ConfigError, TrainConfig, config_diff
+from s2m2.config import PHASE1_METHOD, ConfigError, TrainConfig, config_diff, config_from_dict
 from s2m2.data import EvalTransform, PreparedSplit, check_trainable, open_split
 from s2m2.data.augment import TrainAugment, pack_source_sizes
+from s2m2.ema import ema_decay_at, make_ema, update_ema
 from s2m2.models import create_backbone
 from s2m2.models.heads import create_head
 from s2m2.objectives import ROTATION_METHODS, STEPS, StepContext, TrainModel
@@ -493,7 +497,14 @@ class Trainer:
             if self.rt.device.type != "cuda":
                 raise ConfigError("runtime.sync_batchnorm needs CUDA (SyncBatchNorm has no CPU/gloo kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        points = c.method.mixup_points
+        if points is not None and max(points) >= self.model.backbone.num_mix_points:
+            raise ConfigError(f"method.mixup_points={points}: backbone {c.model.backbone} has mixup points "
+                              f"0..{self.model.backbone.num_mix_points - 1} (0 = the input)")
         self.optimizer = build_optimizer(c, self.model)
+        # optim.ema_decay: the averaged copy that is validated and evaluated (s2m2/ema.py)
+        self.ema = make_ema(self.model) if c.optim.ema_decay is not None else None
+        self.ema_updates = 0      # EMA updates in the current phase (the warm-up counts from each phase start)
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.autocast_dtype == torch.float16)
 
         self.augment = TrainAugment(c.data.crop_size, tuple(c.data.crop_scale), tuple(c.data.crop_ratio),
@@ -544,10 +555,11 @@ class Trainer:
             return path if path.is_file() else None
         return Path(resume)
 
-    def _model_parts(self) -> dict[str, nn.Module]:
-        parts = {"backbone": self.model.backbone, "classifier": self.model.classifier}
-        if self.model.ss_head is not None:
-            parts["ss_head"] = self.model.ss_head
+    def _model_parts(self, model: TrainModel | None = None) -> dict[str, nn.Module]:
+        model = self.model if model is None else model
+        parts = {"backbone": model.backbone, "classifier": model.classifier}
+        if model.ss_head is not None:
+            parts["ss_head"] = model.ss_head
         return parts
 
     def _resume(self, path: Path) -> None:
@@ -559,7 +571,10 @@ class Trainer:
                 f"{self.data_info['root']} splits {self.data_info['splits']} has fingerprint "
                 f"{self.data_info['fingerprint']}; resume with the same prepared data")
         mine = self.config.to_dict()
-        theirs = payload["config"]
+        try:  # keys added since the checkpoint was written read as their defaults
+            theirs = config_from_dict(payload["config"]).to_dict()
+        except ConfigError:
+            theirs = payload["config"]
         changed = [k for k in config_diff(theirs, mine)
                    if not k.startswith("runtime.") and k not in RESUMABLE_CHANGES]
         if changed:
@@ -568,6 +583,9 @@ class Trainer:
             raise TrainingError(f"{path}: config differs from the checkpoint's in {details}. Only "
                                 f"runtime.* and {list(RESUMABLE_CHANGES)} may change when resuming.")
         self._load_states(payload, optimizer=True)
+        if self.ema is not None:  # optim.ema_decay matched the checkpoint's above, so it holds an average
+            self._load_ema(payload["ema_state"])
+            self.ema_updates = payload["progress"]["ema_updates"]
         if payload.get("scaler") is not None:
             self.scaler.load_state_dict(payload["scaler"])
         progress = payload["progress"]
@@ -597,6 +615,17 @@ class Trainer:
         if optimizer:
             self.optimizer.load_state_dict(payload["optimizer"])
 
+    def _load_ema(self, state: dict[str, Any]) -> None:
+        for name, module in self._model_parts(self.ema).items():
+            if name in state:
+                module.load_state_dict(state[name])
+
+    def _reset_ema(self) -> None:
+        """The average restarts from the current weights (a new phase, or weights loaded from elsewhere)."""
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
+            self.ema_updates = 0
+
     def _init_from(self, path: str) -> None:
         """Phase 2 from a phase-1 checkpoint: weights (and, unless release_handoff, the Adam state).
 
@@ -607,7 +636,7 @@ class Trainer:
 
         release = self.config.method.release_handoff
         try:
-            loaded = load_model(path, with_heads=True)
+            loaded = load_model(path, with_heads=True, ema=False)  # the trained weights, which Adam's state fits
         except CheckpointError as err:
             raise TrainingError(f"schedule.init_from: {err}") from err
         parts = {"backbone": loaded.backbone, "classifier": loaded.classifier, "ss_head": loaded.ss_head}
@@ -627,6 +656,7 @@ class Trainer:
         if release and self.model.ss_head is not None:
             torch.manual_seed(derive_seed("handoff", self.config.schedule.seed))
             reset_module(self.model.ss_head)
+        self._reset_ema()
         self.init_from = str(path)
 
     def _payload(self) -> dict[str, Any]:
@@ -638,6 +668,8 @@ class Trainer:
             "backbone": {"name": self.config.model.backbone, "kwargs": dict(self.config.model.backbone_kwargs)},
             "heads": heads,
             "state": {name: module.state_dict() for name, module in self._model_parts().items()},
+            **({"ema_state": {name: module.state_dict() for name, module in self._model_parts(self.ema).items()}}
+               if self.ema is not None else {}),
             "method": self.config.method.name, "phase": phase.name,
             "epoch": self.epoch, "step": self.step,
             "config": self.config.to_dict(), "data": dict(self.data_info),
@@ -648,7 +680,7 @@ class Trainer:
                          "step_in_epoch": self.step_in_epoch, "partial": dict(self.partial),
                          "since_best": self.since_best, "elapsed": self._elapsed(),
                          "phase_started": self.phase_started, "images_seen": self.images_seen,
-                         "budget_spent": self.budget_spent,
+                         "budget_spent": self.budget_spent, "ema_updates": self.ema_updates,
                          "log_records": self.log.count if self.log is not None else None},
         }
 
@@ -790,12 +822,16 @@ class Trainer:
                               backward=self._backward, mixup_alpha=c.method.mixup_alpha,
                               ss_weight=c.method.ss_weight, exemplar_views=c.method.exemplar_views,
                               ss_fraction=c.method.ss_fraction,
+                              mixup_points=None if c.method.mixup_points is None else tuple(c.method.mixup_points),
                               autocast=self.rt.autocast, channels_last=self.rt.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
             stats = step_fn(ctx, images, labels)
             self._check_finite(stats, phase, step_in_epoch)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                update_ema(self.ema, self.model, ema_decay_at(c.optim.ema_decay, self.ema_updates))
+                self.ema_updates += 1
             self.step += 1
             self.step_in_epoch = step_in_epoch + 1
             loss = float(stats.loss)
@@ -852,7 +888,7 @@ class Trainer:
         improved = False
         if self.validator is not None and self.epoch_in_phase % c.validation.every == 0:
             start = time.perf_counter()
-            acc, ci = self.validator(self.model.backbone)
+            acc, ci = self.validator((self.ema if self.ema is not None else self.model).backbone)
             self._last_val_seconds = time.perf_counter() - start
             record.update(val_acc=acc, val_ci95=ci, val_seconds=self._last_val_seconds)
             improved = self.best is None or acc > self.best["val_acc"]
@@ -885,6 +921,8 @@ class Trainer:
                 raise TrainingError(f"schedule.phase2_init=best but {best} does not exist (phase 1 ran "
                                     f"without validation?); use schedule.phase2_init=last")
             self._load_states(load_payload(best), optimizer=True)
+        if index > 0:
+            self._reset_ema()   # phase 2's average is of phase-2 weights only
         if index > 0 and self.config.method.release_handoff:
             if self.model.ss_head is not None:
                 torch.manual_seed(derive_seed("handoff", self.config.schedule.seed))

@@ -351,6 +351,43 @@ def test_mixup_draw_uses_the_configured_alpha_and_every_point(monkeypatch):
     assert calls == [(model.backbone.num_mix_points, 8, 2.0)]
 
 
+def test_mixup_points_restrict_where_batches_are_mixed():
+    """method.mixup_points: every draw lands on an allowed point, each allowed point is drawn; None: all."""
+    model = _model(ss=False)
+    layers = []
+    model.backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: layers.append(kwargs.get("mix_spec", args[1] if len(args) > 1 else None).layer),
+        with_kwargs=True)
+    for step in range(40):
+        ctx = _ctx(model, mixup_points=(0, 2))
+        ctx.generator.manual_seed(step)
+        STEPS["manifold_mixup"](ctx, _distinct_images(8), torch.arange(8) % 5)
+    assert set(layers) == {0, 2}
+    layers.clear()
+    for step in range(40):
+        ctx = _ctx(model)
+        ctx.generator.manual_seed(step)
+        STEPS["manifold_mixup"](ctx, _distinct_images(8), torch.arange(8) % 5)
+    assert set(layers) == set(range(model.backbone.num_mix_points))
+
+
+@pytest.mark.parametrize("points", ["[]", "[1, 1]", "[-1]", "3", "[true]"])
+def test_config_rejects_malformed_mixup_points(points):
+    from s2m2.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="method.mixup_points"):
+        load_config(None, [f"method.mixup_points={points}"])
+
+
+def test_trainer_rejects_mixup_points_the_backbone_does_not_have(make_prepared, tmp_path):
+    from s2m2.config import ConfigError, load_config
+    from s2m2.trainer import Trainer
+    root = make_prepared(splits={"base": 4}, per_class=4, size=16)
+    config = load_config(None, ["model.backbone=conv4", "model.backbone_kwargs={width: 8}", f"data.root={root}",
+                                "data.val_split=null", "method.mixup_points=[0, 5]"])
+    with pytest.raises(ConfigError, match=r"mixup points 0\.\.4"):
+        Trainer(config, out_dir=tmp_path / "run")
+
+
 def test_classification_step_is_plain_cross_entropy():
     model, inputs = _recording_model(ss=False)
     images = _distinct_images(5, seed=4)
