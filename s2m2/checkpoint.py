@@ -287,8 +287,8 @@ def _build_our_head(role: str, spec: Mapping, state: Mapping[str, torch.Tensor],
 def _load_ours(payload: dict, path: Path, with_heads: bool, ema: bool = True) -> LoadedModel:
     _validate_ours(payload, path)
     weights = "ema" if ema and "ema_state" in payload else "trained"
-    states = payload["ema_state" if weights == "ema" else "state"]
-    if not isinstance(states, Mapping) or "backbone" not in states:
+    states = payload["ema_state" if weights == "ema" else "state"]   # "state" was checked by _validate_ours
+    if weights == "ema" and (not isinstance(states, Mapping) or "backbone" not in states):
         raise CheckpointError(f"{path}: 'ema_state' must be a dict with a 'backbone' state dict")
     backbone = _build_backbone(payload["backbone"], path)
     load_state_strict(backbone, states["backbone"], f"{path} [{'EMA ' if weights == 'ema' else ''}backbone]")

@@ -584,7 +584,7 @@ class Trainer:
                                 f"runtime.* and {list(RESUMABLE_CHANGES)} may change when resuming.")
         self._load_states(payload, optimizer=True)
         if self.ema is not None:  # optim.ema_decay matched the checkpoint's above, so it holds an average
-            self._load_ema(payload["ema_state"])
+            self._load_parts(payload["ema_state"], self.ema)
             self.ema_updates = payload["progress"]["ema_updates"]
         if payload.get("scaler") is not None:
             self.scaler.load_state_dict(payload["scaler"])
@@ -607,18 +607,19 @@ class Trainer:
         set_rng_state(payload["rng"])
         self.resumed_from = str(path)
 
-    def _load_states(self, payload: dict[str, Any], optimizer: bool) -> None:
-        state = payload["state"]
-        for name, module in self._model_parts().items():
+    def _part_states(self, model: TrainModel) -> dict[str, dict[str, torch.Tensor]]:
+        """A checkpoint's ``state`` (or ``ema_state``): ``{part: state_dict}`` of ``model``'s parts."""
+        return {name: module.state_dict() for name, module in self._model_parts(model).items()}
+
+    def _load_parts(self, state: dict[str, Any], model: TrainModel) -> None:
+        for name, module in self._model_parts(model).items():
             if name in state:
                 module.load_state_dict(state[name])
+
+    def _load_states(self, payload: dict[str, Any], optimizer: bool) -> None:
+        self._load_parts(payload["state"], self.model)
         if optimizer:
             self.optimizer.load_state_dict(payload["optimizer"])
-
-    def _load_ema(self, state: dict[str, Any]) -> None:
-        for name, module in self._model_parts(self.ema).items():
-            if name in state:
-                module.load_state_dict(state[name])
 
     def _reset_ema(self) -> None:
         """The average restarts from the current weights (a new phase, or weights loaded from elsewhere)."""
@@ -667,9 +668,8 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "backbone": {"name": self.config.model.backbone, "kwargs": dict(self.config.model.backbone_kwargs)},
             "heads": heads,
-            "state": {name: module.state_dict() for name, module in self._model_parts().items()},
-            **({"ema_state": {name: module.state_dict() for name, module in self._model_parts(self.ema).items()}}
-               if self.ema is not None else {}),
+            "state": self._part_states(self.model),
+            **({"ema_state": self._part_states(self.ema)} if self.ema is not None else {}),
             "method": self.config.method.name, "phase": phase.name,
             "epoch": self.epoch, "step": self.step,
             "config": self.config.to_dict(), "data": dict(self.data_info),
