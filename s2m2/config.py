@@ -38,12 +38,20 @@ class DataConfig:
     train_splits: list[str] = field(default_factory=lambda: ["base"])  # several: labels offset + concatenated
     val_split: str | None = "val"        # None disables validation (and early stopping)
     crop_size: int = 80                  # training crop and evaluation crop (80 mini/tiered/CUB, 32 CIFAR-FS)
-    eval_resize: int = 92                # evaluation: resize to this, centre-crop crop_size (92/80, 36/32)
+    eval_resize: int = 92                # evaluation: resize to this, centre-crop eval_crop (92/80, 36/32)
+    eval_crop: int | None = None         # evaluation centre crop; None = crop_size (the release). Larger than
+                                         # crop_size tests at a higher resolution than training (docs/training.md,
+                                         # "Test resolution"); validation uses it too
     augment: bool = True                 # paper: ON (the release defaults to OFF, spec §6/§10)
     crop_scale: tuple[float, float] = (0.08, 1.0)       # RandomResizedCrop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)    # RandomResizedCrop aspect ratio
     jitter: float = 0.4                  # brightness/contrast/saturation factors uniform in [1-j, 1+j]
     flip: bool = True
+
+    @property
+    def test_crop(self) -> int:
+        """The evaluation (and validation) centre crop: ``eval_crop``, else the training ``crop_size``."""
+        return self.crop_size if self.eval_crop is None else self.eval_crop
 
 
 @dataclass
@@ -367,8 +375,10 @@ def _validate_values(config: TrainConfig) -> None:
                           "batch that gets the self-supervised loss in s2m2_r / s2m2_e phase 2")
     _positive("data.crop_size", d.crop_size)
     _positive("data.eval_resize", d.eval_resize)
-    if d.eval_resize < d.crop_size:
-        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.crop_size={d.crop_size}")
+    _positive("data.eval_crop", d.eval_crop)
+    if d.eval_resize < d.test_crop:
+        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than the evaluation crop {d.test_crop} "
+                          f"(data.eval_crop, else data.crop_size)")
     _positive("model.classifier_width", mo.classifier_width)
     _positive("model.classifier_scale", mo.classifier_scale)
     _positive("schedule.max_steps", s.max_steps)

@@ -181,13 +181,14 @@ def load_features(path: str | os.PathLike) -> dict[str, Any]:
 def default_transform(info: dict[str, Any]) -> EvalTransform:
     """The test transform for a checkpoint: from our training config when present, else 92 -> 80.
 
-    Our config's ``data.eval_resize`` / ``data.crop_size`` (e.g. 36 -> 32 for CIFAR-FS); the release's
-    checkpoints carry no config, and its test transform for mini/tiered/CUB is 92 -> 80.
+    Our config's ``data.eval_resize`` / ``data.eval_crop``, else ``data.crop_size`` (e.g. 36 -> 32 for
+    CIFAR-FS); the release's checkpoints carry no config, and its test transform for mini/tiered/CUB is 92 -> 80.
     """
     data_cfg = (info.get("config") or {}).get("data") or {}
     if "crop_size" in data_cfg:
         crop = int(data_cfg["crop_size"])
-        return EvalTransform(int(data_cfg.get("eval_resize", round(crop * 92 / 80))), crop)
+        resize = int(data_cfg.get("eval_resize", round(crop * 92 / 80)))
+        return EvalTransform(resize, int(data_cfg.get("eval_crop") or crop))
     return EvalTransform(92, 80)
 
 

@@ -288,13 +288,29 @@ def record_views(record: dict[str, Any]) -> str:
     return ((record.get("features") or {}).get("transform") or {}).get("views", "centre")
 
 
+# (resize, crop) test transforms the head label leaves unnamed: the release's (mini/tiered-ImageNet and CUB
+# 92 -> 80, CIFAR-FS 36 -> 32) and Omniglot's stored 28 px. Any other is named, e.g. data.eval_crop's 40 px.
+USUAL_TEST_SIZES = {(92, 80), (36, 32), (28, 28)}
+
+
+def eval_size_label(record: dict[str, Any]) -> str | None:
+    """The record's test resize and crop in words when they are not a usual one (:data:`USUAL_TEST_SIZES`)."""
+    transform = (record.get("features") or {}).get("transform") or {}
+    resize, crop = transform.get("resize"), transform.get("crop")
+    if resize is None or crop is None or (resize, crop) in USUAL_TEST_SIZES:
+        return None
+    return f"whole image at {crop} px" if resize == crop else f"resize {resize}, crop {crop}"
+
+
 def head_label(record: dict[str, Any]) -> str:
-    """The head, with the test views and feature transforms its features had (``s2m2 features --views``,
-    ``s2m2 evaluate --power/--center/--l2``): a record evaluated on ten-crop or transformed features must not
-    read like one on the release's single centre crop and raw features."""
+    """The head, with the test size, views and feature transforms its features had (``s2m2 features
+    --resize/--crop/--views``, ``s2m2 evaluate --power/--center/--l2``): a record evaluated at another size, on
+    ten-crop or on transformed features must not read like one on the release's centre crop and raw features."""
     ft = record.get("feature_transform") or {}
     views = record_views(record)
-    parts = ([] if views == "centre" else [f"{views.replace('_', '-')} views"]) + \
+    size = eval_size_label(record)
+    parts = ([] if size is None else [size]) + \
+        ([] if views == "centre" else [f"{views.replace('_', '-')} views"]) + \
         ([f"power {ft['power']:g}"] if ft.get("power") is not None else []) + \
         (["centred"] if ft.get("center") else []) + (["L2"] if ft.get("l2") else [])
     name = record["head"]["name"]

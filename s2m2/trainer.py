@@ -306,6 +306,24 @@ def build_model(config: TrainConfig, num_classes: int, method: str) -> tuple[Tra
     return TrainModel(backbone, classifier, ss_head), specs
 
 
+def check_test_crop(backbone: nn.Module, config: TrainConfig) -> None:
+    """Refuse a ``data.eval_crop`` the backbone cannot take before training starts, not at the first
+    validation minutes later: Conv-4 with ``pool="flatten"`` only takes sizes that reach its final map side."""
+    crop = config.data.test_crop
+    if crop == config.data.crop_size:
+        return
+    was_training = backbone.training
+    backbone.eval()  # one zero image: BatchNorm must not need batch statistics
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, crop, crop))
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"data.eval_crop={crop}: backbone {config.model.backbone} cannot take {crop}-pixel "
+                          f"images ({err})") from err
+    finally:
+        backbone.train(was_training)
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = config.optim
     if o.name == "adam":
@@ -330,7 +348,7 @@ class Validator:
 
         v = config.validation
         self.split = open_split(v.root or config.data.root, config.data.val_split)
-        self.transform = EvalTransform(config.data.eval_resize, config.data.crop_size)
+        self.transform = EvalTransform(config.data.eval_resize, config.data.test_crop)
         self.config = v
         self.runtime = runtime
         try:
@@ -490,6 +508,7 @@ class Trainer:
         # The model carries a rotation head whenever any phase needs one.
         head_method = "rotation" if any(p.method in ROTATION_METHODS for p in self.phases) else self.phases[0].method
         self.model, self.head_specs = build_model(c, self.data.num_classes, head_method)
+        check_test_crop(self.model.backbone, c)
         self.model.to(self.rt.device)
         if self.rt.channels_last:
             self.model.to(memory_format=torch.channels_last)

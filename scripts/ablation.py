@@ -3,7 +3,7 @@
     scripts/ablation.py --dataset cifar-fs --budget-minutes 30 [--out checkpoints/ablation/cifar-fs]
                         [--methods baseline rotation ...] [--episodes 10000] [--data data/cifar-fs]
                         [--source ../shared/data/cifar100/cifar-100-python.tar.gz] [--set key=value ...]
-                        [--variant LABEL] [--eval-views centre|flip|ten_crop]
+                        [--variant LABEL] [--eval-views centre|flip|ten_crop] [--eval-size RESIZE CROP]
 
 Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m2.cli``):
 
@@ -17,8 +17,10 @@ Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m
 4. ``s2m2 evaluate``  5-way 1- and 5-shot, ``--episodes`` episodes, 15 queries, seed 0, heads logreg, cosine
                       and ncm -> ``OUT/records/<method>-<head>.json`` (skipped when a record of the same
                       checkpoint and protocol exists). ``--eval-views flip|ten_crop`` averages each image's
-                      features over its test views and writes ``<method>-<head>-<views>.json`` beside them
-                      (the cross-domain step below then uses the same views);
+                      features over its test views and writes ``<method>-<head>-<views>.json`` beside them;
+                      ``--eval-size 40 40`` resizes and centre-crops the test images to other sizes than the
+                      checkpoint config's (``<method>-<head>-resize40-crop40.json``). The cross-domain step
+                      below uses the same test protocol;
 5. ``s2m2 cross-domain`` the best backbone (novel 5-way 5-shot, logreg) on the CUB sample in
                       ``../shared/data/cub_sample`` (3 images per class: 1-shot with 2 queries; 5-shot is
                       recorded as skipped);
@@ -54,6 +56,33 @@ ENDED = ("finished", "early_stop", "budget", "max_steps", "diverged")
 DEFAULT_SOURCES = {"cifar-fs": "../shared/data/cifar100/cifar-100-python.tar.gz",
                    "fc100": "../shared/data/cifar100/cifar-100-python.tar.gz",
                    "omniglot": "../shared/data/omniglot"}
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How test images become features (``s2m2 features --views/--resize/--crop``): the views averaged per
+    image and, when given, a (resize, crop) other than the one in the checkpoint's config."""
+    views: str = "centre"
+    size: tuple[int, int] | None = None
+
+    @property
+    def suffix(self) -> str:
+        """File-name suffix of its records and features: "" for the checkpoint's own single centre crop."""
+        size = "" if self.size is None else f"-resize{self.size[0]}-crop{self.size[1]}"
+        return size + ("" if self.views == "centre" else f"-{self.views}")
+
+    def extraction_args(self) -> list[str]:
+        size = [] if self.size is None else ["--resize", str(self.size[0]), "--crop", str(self.size[1])]
+        return ["--views", self.views, *size]
+
+    def made(self, record: dict) -> bool:
+        """Whether ``record``'s features were made with this protocol."""
+        transform = (record.get("features") or {}).get("transform") or {}
+        if record_views(record) != self.views:
+            return False
+        if self.size is None:
+            return transform.get("default", True)  # records from before the flag used the checkpoint's
+        return (transform.get("resize"), transform.get("crop")) == self.size
 
 
 class AblationError(Exception):
@@ -155,28 +184,25 @@ def recipe_changes(config: Path, run: Path, data: Path, budget: float, overrides
         return []
     import yaml
 
-    from s2m2.config import config_diff, load_config
+    from s2m2.config import config_diff, config_from_dict, load_config
 
     now_cfg = load_config(config, [f"data.root={data}", f"schedule.budget_minutes={budget:g}", *overrides])
-    then = yaml.safe_load(saved.read_text())
+    # through the dataclasses, so that keys added since the run was made read as their defaults, as on resume
+    then = config_from_dict(yaml.safe_load(saved.read_text())).to_dict()
     return [key for key in config_diff(then, now_cfg.to_dict())
             if not key.startswith("runtime.") and key not in ("data.root", "schedule.budget_minutes")]
 
 
-def same_record(record_path: Path, fingerprint: str, episodes: int, views: str = "centre") -> bool:
+def same_record(record_path: Path, fingerprint: str, episodes: int,
+                protocol: EvalProtocol = EvalProtocol()) -> bool:
     """True when ``record_path`` already holds this checkpoint's evaluation with this many episodes and
-    these test views."""
+    this test protocol."""
     record = read_json_or_none(record_path)
     if not record or record.get("format") not in ("s2m2-evaluation", "s2m2-cross-domain"):
         return False
     ckpt = (record.get("features") or {}).get("checkpoint") or {}
-    return (ckpt.get("fingerprint") == fingerprint and record_views(record) == views
+    return (ckpt.get("fingerprint") == fingerprint and protocol.made(record)
             and all(r.get("episodes") == episodes for r in record.get("results", [])))
-
-
-def views_suffix(views: str) -> str:
-    """File-name suffix of records and features made with these test views ("" for the centre crop)."""
-    return "" if views == "centre" else f"-{views}"
 
 
 def checkpoint_of(run: Path) -> Path:
@@ -188,21 +214,22 @@ def checkpoint_of(run: Path) -> Path:
 
 
 def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int, heads: list[str],
-                    hardware: dict, train_log: Path, variant: str | None = None, views: str = "centre") -> list[Path]:
+                    hardware: dict, train_log: Path, variant: str | None = None,
+                    protocol: EvalProtocol = EvalProtocol()) -> list[Path]:
     """Features of the novel split, then one record per head (skipped when already there; its ``variant``
-    label is still brought up to date). Test views other than the centre crop get files of their own
-    (``-ten_crop`` after the head), beside the centre-crop records."""
+    label is still brought up to date). Test protocols other than the checkpoint's centre crop get files of
+    their own (``-ten_crop``, ``-resize40-crop40`` after the head), beside the centre-crop records."""
     from s2m2.checkpoint import file_fingerprint
 
     checkpoint = checkpoint_of(run)
     fingerprint = file_fingerprint(checkpoint)
-    suffix = views_suffix(views)
+    suffix = protocol.suffix
     features = out / "features" / f"{method}-novel{suffix}.pt"
     features_step = None
     records = []
     for head in heads:
         record = out / "records" / f"{method}-{head}{suffix}.json"
-        if same_record(record, fingerprint, episodes, views):
+        if same_record(record, fingerprint, episodes, protocol):
             print(f"evaluate {method} {head}: record of this checkpoint exists, skipped ({record})")
             if ((read_json_or_none(record) or {}).get("provenance") or {}).get("variant") != variant:
                 add_provenance(record, variant=variant)
@@ -210,7 +237,7 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
             continue
         if features_step is None:
             features_step = s2m2(["features", "--checkpoint", str(checkpoint), "--data", str(data),
-                                  "--split", "novel", "--out", str(features), "--views", views])
+                                  "--split", "novel", "--out", str(features), *protocol.extraction_args()])
             if features_step.exit:
                 raise AblationError(f"`{features_step.command}` failed (exit {features_step.exit})")
         step = s2m2(["evaluate", "--features", str(features), "--ways", "5", "--shots", "1", "5",
@@ -227,11 +254,11 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
     return records
 
 
-def best_method(records_dir: Path, methods: list[str], views: str = "centre") -> str | None:
-    """The method with the highest novel 5-way 5-shot logreg accuracy (with these test views)."""
+def best_method(records_dir: Path, methods: list[str], protocol: EvalProtocol = EvalProtocol()) -> str | None:
+    """The method with the highest novel 5-way 5-shot logreg accuracy (with this test protocol)."""
     scores = {}
     for method in methods:
-        record = read_json_or_none(records_dir / f"{method}-logreg{views_suffix(views)}.json") or {}
+        record = read_json_or_none(records_dir / f"{method}-logreg{protocol.suffix}.json") or {}
         for r in record.get("results", []):
             if r.get("ways") == 5 and r.get("shots") == 5 and "mean" in r:
                 scores[method] = r["mean"]
@@ -239,7 +266,8 @@ def best_method(records_dir: Path, methods: list[str], views: str = "centre") ->
 
 
 def cross_domain(method: str, run: Path, cub_source: Path, cub: Path, out: Path, episodes: int, heads: list[str],
-                 hardware: dict, dataset: str, train_log: Path, views: str = "centre") -> list[Path]:
+                 hardware: dict, dataset: str, train_log: Path,
+                 protocol: EvalProtocol = EvalProtocol()) -> list[Path]:
     """The best backbone on the CUB sample: 1-shot with 2 queries (3 images per class); 5-shot is skipped."""
     from s2m2.checkpoint import file_fingerprint
     from s2m2.data import open_split
@@ -258,15 +286,15 @@ def cross_domain(method: str, run: Path, cub_source: Path, cub: Path, out: Path,
     fingerprint = file_fingerprint(checkpoint)
     records = []
     for head in heads:
-        record = out / "records" / f"cross-domain-{method}-{head}{views_suffix(views)}.json"
-        if same_record(record, fingerprint, episodes, views):
+        record = out / "records" / f"cross-domain-{method}-{head}{protocol.suffix}.json"
+        if same_record(record, fingerprint, episodes, protocol):
             print(f"cross-domain {head}: record of this checkpoint exists, skipped ({record})")
             records.append(record)
             continue
         step = s2m2(["cross-domain", "--checkpoint", str(checkpoint), "--cub", str(cub), "--shots", "1", "5",
                      "--queries", "2", "--episodes", str(episodes), "--seed", "0", "--head", head, "--threads", "1",
-                     "--no-progress", "--features-out", str(out / "features" / f"cub-{method}{views_suffix(views)}.pt"),
-                     "--views", views, "--out", str(record)])
+                     "--no-progress", "--features-out", str(out / "features" / f"cub-{method}{protocol.suffix}.pt"),
+                     *protocol.extraction_args(), "--out", str(record)])
         if step.exit:
             raise AblationError(f"`{step.command}` failed (exit {step.exit})")
         add_provenance(record, method=method, run_dir=str(run), section=section,
@@ -294,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-views", choices=VIEWS, default="centre",
                    help="test views averaged per image (s2m2 features --views): centre = the release's single "
                         "centre crop; flip; ten_crop. Records of other views are kept beside the centre ones")
+    p.add_argument("--eval-size", type=int, nargs=2, metavar=("RESIZE", "CROP"),
+                   help="test-time resize and centre crop (s2m2 features --resize/--crop) instead of the "
+                        "checkpoint config's data.eval_resize / data.eval_crop; records get their own files")
     p.add_argument("--data", type=Path, help="prepared dataset folder (default: data/<dataset>)")
     p.add_argument("--source", type=Path, help="downloaded files, to prepare --data when missing")
     p.add_argument("--configs", type=Path, help="budget recipes folder (default: configs/<dataset>/budget)")
@@ -309,7 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval_size and not 0 < args.eval_size[1] <= args.eval_size[0]:
+        parser.error(f"--eval-size {args.eval_size[0]} {args.eval_size[1]}: the crop must be > 0 and at most "
+                     f"the resize")
+    protocol = EvalProtocol(args.eval_views, tuple(args.eval_size) if args.eval_size else None)
     out = args.out or REPO / "checkpoints" / "ablation" / args.dataset
     data = args.data or REPO / "data" / args.dataset
     source = args.source or (REPO / DEFAULT_SOURCES[args.dataset])
@@ -335,16 +371,16 @@ def main(argv: list[str] | None = None) -> int:
                 from s2m2.plots import plot_run
                 plot_run(run)  # the trainer draws them at the end of fit; this covers runs made before that
             evaluate_method(method, run, data, out, args.episodes, args.heads, hardware, log, args.variant,
-                            args.eval_views)
+                            protocol)
         if not args.no_cross_domain:
-            best = best_method(out / "records", args.methods, args.eval_views)
+            best = best_method(out / "records", args.methods, protocol)
             if best is None:
                 print("cross-domain: no 5-way 5-shot logreg record, skipped")
             else:
                 print(f"\n=== cross-domain: {best} (best novel 5-way 5-shot logreg) -> CUB sample", flush=True)
                 cross_domain(best, out / "runs" / best, cub_source, cub_data, out,
                              args.episodes, args.heads, hardware, args.dataset,
-                             out / "commands" / f"train-{best}.jsonl", args.eval_views)
+                             out / "commands" / f"train-{best}.jsonl", protocol)
         print("\n=== report", flush=True)
         step = s2m2(["report", str(out / "records"), *reference_records(references, args.dataset),
                      "--out", str(out / "report.md"), "--plots-dir", str(out / "report"),

@@ -140,6 +140,11 @@ def test_ablation_refuses_an_ended_run_trained_with_another_recipe(tmp_path, mon
     with pytest.raises(ablation.AblationError, match=r"differs in optim\.lr"):
         train(["optim.lr=0.5"])                                          # an override changes it too
     assert calls == []
+    del saved["data"]["eval_crop"], saved["optim"]["ema_decay"]           # a run saved before these keys existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert train() == "budget" and calls == []                           # read as their defaults: the same recipe
+    with pytest.raises(ablation.AblationError, match=r"differs in data\.eval_crop"):
+        train(["data.eval_crop=32"])                                     # but a recipe that sets one differs
 
 
 def write_run_and_ncm_record(root: Path, provenance: dict, features: dict | None = None) -> tuple[Path, Path, Path]:

@@ -148,7 +148,7 @@ ROWS = [
     (TRAIN + " --set optim.lrr=1", 2, "unknown key(s) ['optim.lrr']"),
     (TRAIN + " --set schedule.budget_minutes=-5", 2, "schedule.budget_minutes must be > 0"),
     (TRAIN + " --set data.train_splits=[base,val]", 2, "data.val_split='val' is also in data.train_splits"),
-    (TRAIN + " --set data.eval_resize=20", 2, "data.eval_resize=20 is smaller than data.crop_size=28"),
+    (TRAIN + " --set data.eval_resize=20", 2, "data.eval_resize=20 is smaller than the evaluation crop 28 (data.eval_crop, else data.crop_size)"),
     ("train --out {out}/run", 2, "s2m2 train: error: the following arguments are required: --config (see s2m2 train --help)"),
     ("train --config {root}/none.yaml --out {out}/run", 2, "s2m2 train: error: config file {root}/none.yaml does not exist"),
     ("train --config {repo}/configs/omniglot/baseline.yaml --set data.root={root}/nodata --out {out}/run", 2,

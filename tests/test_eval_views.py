@@ -112,7 +112,8 @@ def test_ablation_evaluates_other_views_into_files_of_their_own(tmp_path, monkey
     run, out, centre_record = write_run_and_ncm_record(tmp_path, {"method": "manifold_mixup"},
                                                        {"transform": {"views": "centre"}})
     assert ablation.same_record(centre_record, file_fingerprint(run / "best.pt"), 10)
-    assert not ablation.same_record(centre_record, file_fingerprint(run / "best.pt"), 10, "ten_crop")
+    assert not ablation.same_record(centre_record, file_fingerprint(run / "best.pt"), 10,
+                                    ablation.EvalProtocol("ten_crop"))
 
     ran = []
 
@@ -125,7 +126,7 @@ def test_ablation_evaluates_other_views_into_files_of_their_own(tmp_path, monkey
 
     monkeypatch.setattr(ablation, "s2m2", fake_s2m2)
     records = ablation.evaluate_method("manifold_mixup", run, tmp_path / "data", out, 10, ["ncm"], {},
-                                       tmp_path / "log", None, "ten_crop")
+                                       tmp_path / "log", None, ablation.EvalProtocol("ten_crop"))
     assert records == [out / "records" / "manifold_mixup-ncm-ten_crop.json"]
     features, evaluate = ran
     assert features[features.index("--views") + 1] == "ten_crop"
@@ -141,8 +142,8 @@ def test_ablation_picks_the_cross_domain_backbone_from_records_of_the_same_views
     for name, mean in scores.items():
         (tmp_path / name).write_text(json.dumps({"results": [{"ways": 5, "shots": 5, "mean": mean}]}))
     assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"]) == "s2m2_r"
-    assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"], "ten_crop") == "baseline"
-    assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"], "flip") is None  # no flip records
+    assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"], ablation.EvalProtocol("ten_crop")) == "baseline"
+    assert ablation.best_method(tmp_path, ["baseline", "s2m2_r"], ablation.EvalProtocol("flip")) is None  # none
 
 
 def test_ablation_cross_domain_step_uses_the_same_views(tmp_path, monkeypatch):
@@ -168,7 +169,7 @@ def test_ablation_cross_domain_step_uses_the_same_views(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "s2m2", fake_s2m2)
     (tmp_path / "records").mkdir()
     records = ablation.cross_domain("s2m2_r", run, tmp_path / "src", tmp_path / "cub", tmp_path, 10, ["ncm"], {},
-                                    "cifar-fs", tmp_path / "log", "ten_crop")
+                                    "cifar-fs", tmp_path / "log", ablation.EvalProtocol("ten_crop"))
     assert records == [tmp_path / "records" / "cross-domain-s2m2_r-ncm-ten_crop.json"]
     [argv] = ran
     assert argv[0] == "cross-domain" and argv[argv.index("--views") + 1] == "ten_crop"
