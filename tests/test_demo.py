@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from s2m2.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,12 @@ def test_demo_runs_end_to_end_with_both_heads(tmp_path):
         twenty_five = json.loads((out / f"results_20way_5shot_{head}.json").read_text())["results"][0]
         assert twenty_five["episodes"] == (10 if head == "ncm" else 1)  # logreg 20w5s: 10 // 20, at least 1
     report = (out / "report.md").read_text()
-    assert "| s2m2_r |" in report and "| ncm |" in report and "| logreg |" in report
+    # The demo trains and tests at 20 px, not Omniglot's usual 28: every head's row must say so.
+    test_size = load_config(REPO / "configs" / "omniglot" / "budget" / "s2m2_r.yaml").data.test_crop
+    assert test_size != 28
+    assert "| s2m2_r |" in report
+    for head in ("logreg", "ncm"):
+        assert f"| {head} (whole image at {test_size} px) |" in report
     # The closing table: one line per protocol, both heads, the target verdict per head.
     table = done.stdout[done.stdout.rindex("ways shots  logreg accuracy (%)"):]
     line_5w1s = next(line for line in table.splitlines() if line.split()[:2] == ["5", "1"])
