@@ -62,19 +62,39 @@ class ReportError(Exception):
 # ------------------------------------------------------------------------------------------------
 # Hardware and provenance (also used by scripts/ablation.py)
 # ------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else platform's guess."""
+def _first_cpu_fields() -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo ({} where there is none, e.g. off Linux)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip() and fields:
+                break
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform's guess."""
+    return _first_cpu_fields().get("model name") or platform.processor() or "unknown"
+
+
+def cpu_vector_isa(flags: str) -> str:
+    """The widest x86 vector extension in a /proc/cpuinfo flags line: it picks oneDNN's kernels, so two CPUs
+    sold under one name (three 'AMD EPYC' VMs so far, 2.5x apart in speed) give different numbers."""
+    present = set(flags.split())
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in present:
+            return name
+    return "none" if present else ""
 
 
 def hardware_info() -> dict[str, Any]:
-    """What a wall-clock number depends on: CPU model, cores usable by this process, torch, GPU."""
+    """What a wall-clock number depends on: CPU model, family and vector extension, cores usable by this
+    process, torch, GPU."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -82,8 +102,14 @@ def hardware_info() -> dict[str, Any]:
     except PackageNotFoundError:
         torch_version = "not installed"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu_model(), "cores": usable, "cpu_count": os.cpu_count(), "torch": torch_version,
+    cpu = _first_cpu_fields()
+    info = {"cpu": cpu.get("model name") or platform.processor() or "unknown", "cores": usable,
+            "cpu_count": os.cpu_count(), "torch": torch_version,
             "python": platform.python_version(), "platform": platform.platform()}
+    if "cpu family" in cpu:
+        info["cpu_family"] = cpu["cpu family"]
+    if isa := cpu_vector_isa(cpu.get("flags", "")):
+        info["cpu_isa"] = isa
     if "torch" in sys.modules:  # only when already loaded: importing torch costs seconds
         torch = sys.modules["torch"]
         if torch.cuda.is_available():
@@ -91,10 +117,18 @@ def hardware_info() -> dict[str, Any]:
     return info
 
 
+def cpu_label(hw: dict[str, Any]) -> str:
+    """'AMD EPYC (family 26, AVX-512)'; the bare model name for records made before family and ISA were
+    recorded (2026-12-02)."""
+    detail = ", ".join(part for part in (f"family {hw['cpu_family']}" if hw.get("cpu_family") else "",
+                                         hw.get("cpu_isa", "")) if part)
+    return f"{hw.get('cpu', '?')}" + (f" ({detail})" if detail else "")
+
+
 def hardware_label(hw: dict[str, Any] | None) -> str:
     if not hw:
         return "not recorded"
-    text = f"{hw.get('cpu', '?')}, {hw.get('cores', '?')} cores, torch {hw.get('torch', '?')}"
+    text = f"{cpu_label(hw)}, {hw.get('cores', '?')} cores, torch {hw.get('torch', '?')}"
     return text + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
 
 
@@ -446,7 +480,8 @@ def series_names(rows: list[Row]) -> dict[int, str]:
     dates: dict[str, dict[str, str]] = {}  # base name -> {run group: its earliest record's date}
     for r in sorted(rows, key=_order_key):
         provenance = (r.details.get("record") or {}).get("provenance") or {}
-        cpus.setdefault(base[id(r)], {}).setdefault(r.group, str((provenance.get("hardware") or {}).get("cpu", "")))
+        hardware = provenance.get("hardware") or {}
+        cpus.setdefault(base[id(r)], {}).setdefault(r.group, cpu_label(hardware) if hardware.get("cpu") else "")
         group_dates = dates.setdefault(base[id(r)], {})
         if date := _minute(provenance.get("date")):
             group_dates[r.group] = min(date, group_dates.get(r.group, date))

@@ -4,6 +4,7 @@
                         [--methods baseline rotation ...] [--episodes 10000] [--data data/cifar-fs]
                         [--source ../shared/data/cifar100/cifar-100-python.tar.gz] [--set key=value ...]
                         [--variant LABEL] [--eval-views centre|flip|ten_crop] [--eval-size RESIZE CROP]
+                        [--eval-checkpoint best|last]
 
 Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m2.cli``):
 
@@ -13,7 +14,10 @@ Steps, each the `s2m2` command a user would run (a subprocess of ``python -m s2m
                       ended (finished, early_stop, budget, max_steps, diverged) is skipped; an interrupted
                       one continues with ``--resume auto``; an ended run whose saved config differs from
                       the recipe now (the recipe was edited since) is refused, not reported as the new one;
-3. ``s2m2 features``  of the novel split (``best.pt`` if the run validated, else ``last.pt``; recorded);
+3. ``s2m2 features``  of the novel split (``best.pt`` if the run validated, else ``last.pt``; recorded).
+                      ``--eval-checkpoint last`` takes ``last.pt`` (the state at the end of the budget) of a
+                      run that validated, into ``<method>-<head>-last.json``, its variant label ending
+                      in "last.pt";
 4. ``s2m2 evaluate``  5-way 1- and 5-shot, ``--episodes`` episodes, 15 queries, seed 0, heads logreg, cosine
                       and ncm -> ``OUT/records/<method>-<head>.json`` (skipped when a record of the same
                       checkpoint and protocol exists). ``--eval-views flip|ten_crop`` averages each image's
@@ -47,7 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from s2m2.data.transforms import VIEWS  # noqa: E402
-from s2m2.report import add_provenance, dataset_title, hardware_info, read_json_or_none, record_views  # noqa: E402
+from s2m2.report import (add_provenance, cpu_label, dataset_title, hardware_info, read_json_or_none,  # noqa: E402
+                         record_views)
 
 METHODS = ("baseline", "baseline++", "rotation", "exemplar", "manifold_mixup", "s2m2_r", "s2m2_e")
 HEADS = ("logreg", "cosine", "ncm")
@@ -61,15 +66,18 @@ DEFAULT_SOURCES = {"cifar-fs": "../shared/data/cifar100/cifar-100-python.tar.gz"
 @dataclass(frozen=True)
 class EvalProtocol:
     """How test images become features (``s2m2 features --views/--resize/--crop``): the views averaged per
-    image and, when given, a (resize, crop) other than the one in the checkpoint's config."""
+    image and, when given, a (resize, crop) other than the one in the checkpoint's config; and which of a
+    run's checkpoints it evaluates ("best": best.pt where the run validated, else last.pt; "last": last.pt)."""
     views: str = "centre"
     size: tuple[int, int] | None = None
+    checkpoint: str = "best"
 
     @property
     def suffix(self) -> str:
-        """File-name suffix of its records and features: "" for the checkpoint's own single centre crop."""
+        """File-name suffix of its records and features: "" for the best checkpoint's own single centre crop."""
         size = "" if self.size is None else f"-resize{self.size[0]}-crop{self.size[1]}"
-        return size + ("" if self.views == "centre" else f"-{self.views}")
+        return (size + ("" if self.views == "centre" else f"-{self.views}")
+                + ("-last" if self.checkpoint == "last" else ""))
 
     def extraction_args(self) -> list[str]:
         size = [] if self.size is None else ["--resize", str(self.size[0]), "--crop", str(self.size[1])]
@@ -205,12 +213,12 @@ def same_record(record_path: Path, fingerprint: str, episodes: int,
             and all(r.get("episodes") == episodes for r in record.get("results", [])))
 
 
-def checkpoint_of(run: Path) -> Path:
-    """best.pt (best validation epoch) when the run validated, else last.pt."""
-    for name in ("best.pt", "last.pt"):
+def checkpoint_of(run: Path, which: str = "best") -> Path:
+    """"best": best.pt (best validation epoch) when the run validated, else last.pt; "last": last.pt."""
+    for name in ("best.pt", "last.pt") if which == "best" else ("last.pt",):
         if (run / name).is_file():
             return run / name
-    raise AblationError(f"{run}: no best.pt or last.pt (did training start?)")
+    raise AblationError(f"{run}: no {'best.pt or ' if which == 'best' else ''}last.pt (did training start?)")
 
 
 def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int, heads: list[str],
@@ -218,10 +226,13 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
                     protocol: EvalProtocol = EvalProtocol()) -> list[Path]:
     """Features of the novel split, then one record per head (skipped when already there; its ``variant``
     label is still brought up to date). Test protocols other than the checkpoint's centre crop get files of
-    their own (``-ten_crop``, ``-resize40-crop40`` after the head), beside the centre-crop records."""
+    their own (``-ten_crop``, ``-resize40-crop40``, ``-last`` after the head), beside the centre-crop records of
+    the best checkpoint. last.pt's records say so in their variant label, as the table shows no checkpoint."""
     from s2m2.checkpoint import file_fingerprint
 
-    checkpoint = checkpoint_of(run)
+    checkpoint = checkpoint_of(run, protocol.checkpoint)
+    if protocol.checkpoint == "last":
+        variant = f"{variant}: last.pt" if variant else "last.pt"
     fingerprint = file_fingerprint(checkpoint)
     suffix = protocol.suffix
     features = out / "features" / f"{method}-novel{suffix}.pt"
@@ -246,7 +257,8 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
         if step.exit:
             raise AblationError(f"`{step.command}` failed (exit {step.exit})")
         add_provenance(record, method=method, run_dir=str(run), checkpoint_used=f"{checkpoint.name} "
-                       f"({'best validation epoch' if checkpoint.name == 'best.pt' else 'last state: no validation'})",
+                       f"({'best validation epoch' if checkpoint.name == 'best.pt' else 'last state'}"
+                       f"{': no validation' if not (run / 'best.pt').is_file() else ''})",
                        commands={"train": read_steps(train_log), "features": features_step.command,
                                  "evaluate": step.command},
                        hardware=hardware, date=now(), added_by="scripts/ablation.py", variant=variant)
@@ -282,7 +294,7 @@ def cross_domain(method: str, run: Path, cub_source: Path, cub: Path, out: Path,
     label = (f"CUB sample ({total_images} images, {total_classes} classes), its novel split: "
              f"{len(novel.labels)} images, {len(novel.class_names)} classes")
     section = f"Cross-domain: {dataset_title(dataset)} backbone ({method}, best by 5-way 5-shot logreg) -> {label}"
-    checkpoint = checkpoint_of(run)
+    checkpoint = checkpoint_of(run, protocol.checkpoint)
     fingerprint = file_fingerprint(checkpoint)
     records = []
     for head in heads:
@@ -325,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, nargs=2, metavar=("RESIZE", "CROP"),
                    help="test-time resize and centre crop (s2m2 features --resize/--crop) instead of the "
                         "checkpoint config's data.eval_resize / data.eval_crop; records get their own files")
+    p.add_argument("--eval-checkpoint", choices=("best", "last"), default="best",
+                   help="best: best.pt where the run validated, else last.pt; last: last.pt, the state at the end "
+                        "of the budget (records <method>-<head>-last.json, variant label ending in 'last.pt')")
     p.add_argument("--data", type=Path, help="prepared dataset folder (default: data/<dataset>)")
     p.add_argument("--source", type=Path, help="downloaded files, to prepare --data when missing")
     p.add_argument("--configs", type=Path, help="budget recipes folder (default: configs/<dataset>/budget)")
@@ -345,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_size and not 0 < args.eval_size[1] <= args.eval_size[0]:
         parser.error(f"--eval-size {args.eval_size[0]} {args.eval_size[1]}: the crop must be > 0 and at most "
                      f"the resize")
-    protocol = EvalProtocol(args.eval_views, tuple(args.eval_size) if args.eval_size else None)
+    protocol = EvalProtocol(args.eval_views, tuple(args.eval_size) if args.eval_size else None, args.eval_checkpoint)
     out = args.out or REPO / "checkpoints" / "ablation" / args.dataset
     data = args.data or REPO / "data" / args.dataset
     source = args.source or (REPO / DEFAULT_SOURCES[args.dataset])
@@ -358,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)
     hardware = hardware_info()
     print(f"ablation: {args.dataset}, {len(args.methods)} methods x {args.budget_minutes:g} min on "
-          f"{hardware['cpu']} ({hardware['cores']} cores) -> {out}", flush=True)
+          f"{cpu_label(hardware)} ({hardware['cores']} cores) -> {out}", flush=True)
     try:
         prepare(args.dataset, source, data, out / "commands" / "prepare.jsonl")
         ended = {}

@@ -124,3 +124,45 @@ def test_ablation_refuses_a_crop_larger_than_the_resize(capsys):
     with pytest.raises(SystemExit):
         ablation.main(["--dataset", "cifar-fs", "--budget-minutes", "1", "--eval-size", "36", "40"])
     assert "--eval-size 36 40: the crop must be > 0 and at most the resize" in capsys.readouterr().err
+
+
+def test_ablation_evaluates_last_pt_of_a_run_that_validated_into_files_of_their_own(tmp_path, monkeypatch):
+    """--eval-checkpoint last: last.pt, not best.pt, into ``-last`` files, labelled so in the variant; the
+    best checkpoint's record is neither overwritten nor taken for it."""
+    from s2m2.checkpoint import file_fingerprint
+
+    ablation = load_ablation_module()
+    last = ablation.EvalProtocol(size=(40, 40), checkpoint="last")
+    assert last.suffix == "-resize40-crop40-last"
+    run, out, best_record = write_run_and_ncm_record(tmp_path, {"method": "manifold_mixup"})
+    (run / "last.pt").write_bytes(b"the state at the end of the budget")
+    assert ablation.checkpoint_of(run) == run / "best.pt"
+    assert ablation.checkpoint_of(run, "last") == run / "last.pt"
+    fingerprint = file_fingerprint(run / "last.pt")
+    ran = []
+
+    def fake_s2m2(argv, log=None):
+        ran.append(argv)
+        if argv[0] == "evaluate":
+            with open(argv[argv.index("--out") + 1], "w") as f:
+                json.dump({"format": "s2m2-evaluation", "results": [{"episodes": 10}], "head": {"name": "ncm"},
+                           "features": {"checkpoint": {"fingerprint": fingerprint},
+                                        "transform": {"resize": 40, "crop": 40, "default": False}}}, f)
+        return ablation.Step(command=" ".join(argv), date="", exit=0, seconds=0.0)
+
+    monkeypatch.setattr(ablation, "s2m2", fake_s2m2)
+    best_text = best_record.read_text()
+    records = ablation.evaluate_method("manifold_mixup", run, tmp_path / "data", out, 10, ["ncm"], {},
+                                       tmp_path / "log", "seed 1", last)
+    assert records == [out / "records" / "manifold_mixup-ncm-resize40-crop40-last.json"]
+    features, _ = ran
+    assert features[features.index("--checkpoint") + 1] == str(run / "last.pt")
+    provenance = json.loads(records[0].read_text())["provenance"]
+    assert provenance["variant"] == "seed 1: last.pt" and provenance["checkpoint_used"] == "last.pt (last state)"
+    assert best_record.read_text() == best_text
+    assert ablation.same_record(records[0], fingerprint, 10, last)
+    assert not ablation.same_record(best_record, fingerprint, 10, last)
+    (run / "best.pt").unlink()
+    (run / "last.pt").unlink()
+    with pytest.raises(ablation.AblationError, match="no last.pt"):
+        ablation.checkpoint_of(run, "last")

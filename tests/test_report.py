@@ -362,7 +362,16 @@ ONE_RECIPE_RUN_TWICE = {  # (CPUs, dates) -> expected series names of the two ru
     (("CPU A", "CPU A"), ("2026-12-01T12:48:58+00:00", "2026-12-01T11:16:05+00:00")):
         ("s2m2_r\nCPU A, 2026-12-01 12:48 UTC", "s2m2_r\nCPU A, 2026-12-01 11:16 UTC"),
     (("CPU A", "CPU A"), (None, None)): ("s2m2_r\nrun 1", "s2m2_r\nrun 2"),
+    # one model name, two machines: the family and vector extension tell them apart (hardware_info records
+    # them since 2026-12-02; the three 'AMD EPYC' VMs so far differ 2.5x in speed)
+    ((("AMD EPYC", "23", "AVX2"), ("AMD EPYC", "26", "AVX-512")), (None, None)):
+        ("s2m2_r\nAMD EPYC (family 23, AVX2)", "s2m2_r\nAMD EPYC (family 26, AVX-512)"),
 }
+
+
+def _cpu_fields(cpu: str | tuple[str, str, str]) -> dict[str, str]:
+    """A model name, or (model name, family, vector extension) as hardware_info records them."""
+    return {"cpu": cpu} if isinstance(cpu, str) else dict(zip(("cpu", "cpu_family", "cpu_isa"), cpu))
 
 
 @pytest.mark.parametrize("cpus, dates", list(ONE_RECIPE_RUN_TWICE))
@@ -376,7 +385,8 @@ def test_one_recipe_run_twice_gets_two_series_and_two_curves_files(tmp_path, cpu
     recs.mkdir(parents=True)
     for i, (cpu, date) in enumerate(zip(cpus, dates)):
         make_plotted_run_and_record(tmp_path / f"host{i}", recs / f"r{i}.json", "s2m2_r", {1: 90.0 + i, 5: 95.0},
-                                    epochs=2 + i, hardware={"cpu": cpu, "cores": 2, "torch": "2.14.1"}, date=date)
+                                    epochs=2 + i, date=date,
+                                    hardware={**_cpu_fields(cpu), "cores": 2, "torch": "2.14.1"})
     rows = [row for path in find_records([recs]) for row in rows_of(load_record(path), path, str(path))]
     names = {r.mean: series_names(rows)[id(r)] for r in rows if r.shots == 1}
     assert names == dict(zip((90.0, 91.0), ONE_RECIPE_RUN_TWICE[cpus, dates]))
@@ -407,6 +417,30 @@ def test_long_series_names_get_short_distinct_file_names(tmp_path):
     for path in [*curves, *archived, *(tmp_path / "plots").iterdir()]:
         assert len(path.name.encode()) <= 240, path.name
         assert path.name in md or path.suffix == ".json" or "_curves_" not in path.name
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu sse2 avx avx2 fma avx512f avx512bw", "AVX-512"),
+                                         ("fpu sse2 avx avx2 fma", "AVX2"), ("fpu sse2 avx", "AVX"),
+                                         ("fpu sse2", "none"), ("", "")])
+def test_cpu_vector_isa_names_the_widest_extension(flags, isa):
+    from s2m2.report import cpu_vector_isa
+
+    assert cpu_vector_isa(flags) == isa
+
+
+def test_hardware_label_names_family_and_isa_where_recorded():
+    """Records made before 2026-12-02 hold only the model name and keep their label; newer ones add the
+    family and vector extension that tell two 'AMD EPYC' machines apart."""
+    from s2m2.report import hardware_info, hardware_label
+
+    old = {"cpu": "AMD EPYC", "cores": 2, "torch": "2.14.1"}
+    assert hardware_label(old) == "AMD EPYC, 2 cores, torch 2.14.1"
+    assert hardware_label({**old, "cpu_family": "26", "cpu_isa": "AVX-512"}) == \
+        "AMD EPYC (family 26, AVX-512), 2 cores, torch 2.14.1"
+    here = hardware_info()
+    if Path("/proc/cpuinfo").exists() and "flags" in Path("/proc/cpuinfo").read_text():
+        assert here["cpu_family"] and here["cpu_isa"] in ("AVX-512", "AVX2", "AVX", "none")
+        assert f"family {here['cpu_family']}" in hardware_label(here)
 
 
 def test_a_third_run_on_the_same_cpu_leaves_the_other_runs_names_alone(tmp_path):
