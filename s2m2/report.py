@@ -84,7 +84,8 @@ def cpu_model() -> str:
 
 def cpu_vector_isa(flags: str) -> str:
     """The widest x86 vector extension in a /proc/cpuinfo flags line: it picks oneDNN's kernels, so two CPUs
-    sold under one name (three 'AMD EPYC' VMs so far, 2.5x apart in speed) give different numbers."""
+    sold under one name (three 'AMD EPYC' VMs so far, up to 5.5x apart in a Conv-4 step) give different
+    numbers."""
     present = set(flags.split())
     for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
         if flag in present:

@@ -83,6 +83,20 @@ def test_report_names_a_test_size_other_than_the_usual_ones():
         assert head_label(record) == "ncm"
 
 
+def _fake_s2m2_at_40px(ablation, fingerprint: str, ran: list):
+    """Stands in for the ablation's `s2m2` subprocess: logs each argv in ``ran``; `evaluate` writes a 10-episode
+    ncm record of the checkpoint ``fingerprint`` with features of the whole image at 40 px."""
+    def fake_s2m2(argv, log=None):
+        ran.append(argv)
+        if argv[0] == "evaluate":
+            with open(argv[argv.index("--out") + 1], "w") as f:
+                json.dump({"format": "s2m2-evaluation", "results": [{"episodes": 10}], "head": {"name": "ncm"},
+                           "features": {"checkpoint": {"fingerprint": fingerprint},
+                                        "transform": {"resize": 40, "crop": 40, "default": False}}}, f)
+        return ablation.Step(command=" ".join(argv), date="", exit=0, seconds=0.0)
+    return fake_s2m2
+
+
 def test_ablation_evaluates_another_size_into_files_of_their_own(tmp_path, monkeypatch):
     from s2m2.checkpoint import file_fingerprint
 
@@ -97,17 +111,7 @@ def test_ablation_evaluates_another_size_into_files_of_their_own(tmp_path, monke
     assert ablation.EvalProtocol("ten_crop", (40, 40)).suffix == "-resize40-crop40-ten_crop"
 
     ran = []
-
-    def fake_s2m2(argv, log=None):
-        ran.append(argv)
-        if argv[0] == "evaluate":
-            with open(argv[argv.index("--out") + 1], "w") as f:
-                json.dump({"format": "s2m2-evaluation", "results": [{"episodes": 10}], "head": {"name": "ncm"},
-                           "features": {"checkpoint": {"fingerprint": fingerprint},
-                                        "transform": {"resize": 40, "crop": 40, "default": False}}}, f)
-        return ablation.Step(command=" ".join(argv), date="", exit=0, seconds=0.0)
-
-    monkeypatch.setattr(ablation, "s2m2", fake_s2m2)
+    monkeypatch.setattr(ablation, "s2m2", _fake_s2m2_at_40px(ablation, fingerprint, ran))
     records = ablation.evaluate_method("manifold_mixup", run, tmp_path / "data", out, 10, ["ncm"], {},
                                        tmp_path / "log", None, size)
     assert records == [out / "records" / "manifold_mixup-ncm-resize40-crop40.json"]
@@ -140,17 +144,7 @@ def test_ablation_evaluates_last_pt_of_a_run_that_validated_into_files_of_their_
     assert ablation.checkpoint_of(run, "last") == run / "last.pt"
     fingerprint = file_fingerprint(run / "last.pt")
     ran = []
-
-    def fake_s2m2(argv, log=None):
-        ran.append(argv)
-        if argv[0] == "evaluate":
-            with open(argv[argv.index("--out") + 1], "w") as f:
-                json.dump({"format": "s2m2-evaluation", "results": [{"episodes": 10}], "head": {"name": "ncm"},
-                           "features": {"checkpoint": {"fingerprint": fingerprint},
-                                        "transform": {"resize": 40, "crop": 40, "default": False}}}, f)
-        return ablation.Step(command=" ".join(argv), date="", exit=0, seconds=0.0)
-
-    monkeypatch.setattr(ablation, "s2m2", fake_s2m2)
+    monkeypatch.setattr(ablation, "s2m2", _fake_s2m2_at_40px(ablation, fingerprint, ran))
     best_text = best_record.read_text()
     records = ablation.evaluate_method("manifold_mixup", run, tmp_path / "data", out, 10, ["ncm"], {},
                                        tmp_path / "log", "seed 1", last)

@@ -363,7 +363,7 @@ ONE_RECIPE_RUN_TWICE = {  # (CPUs, dates) -> expected series names of the two ru
         ("s2m2_r\nCPU A, 2026-12-01 12:48 UTC", "s2m2_r\nCPU A, 2026-12-01 11:16 UTC"),
     (("CPU A", "CPU A"), (None, None)): ("s2m2_r\nrun 1", "s2m2_r\nrun 2"),
     # one model name, two machines: the family and vector extension tell them apart (hardware_info records
-    # them since 2026-12-02; the three 'AMD EPYC' VMs so far differ 2.5x in speed)
+    # them since 2026-12-02; the three 'AMD EPYC' VMs so far differ up to 5.5x in speed)
     ((("AMD EPYC", "23", "AVX2"), ("AMD EPYC", "26", "AVX-512")), (None, None)):
         ("s2m2_r\nAMD EPYC (family 23, AVX2)", "s2m2_r\nAMD EPYC (family 26, AVX-512)"),
 }
