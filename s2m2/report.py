@@ -77,11 +77,6 @@ def _first_cpu_fields() -> dict[str, str]:
     return fields
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else platform's guess."""
-    return _first_cpu_fields().get("model name") or platform.processor() or "unknown"
-
-
 def cpu_vector_isa(flags: str) -> str:
     """The widest x86 vector extension in a /proc/cpuinfo flags line: it picks oneDNN's kernels, so two CPUs
     sold under one name (three 'AMD EPYC' VMs so far, up to 5.5x apart in a Conv-4 step) give different
@@ -121,9 +116,9 @@ def hardware_info() -> dict[str, Any]:
 def cpu_label(hw: dict[str, Any]) -> str:
     """'AMD EPYC (family 26, AVX-512)'; the bare model name for records made before family and ISA were
     recorded (2026-12-02)."""
-    detail = ", ".join(part for part in (f"family {hw['cpu_family']}" if hw.get("cpu_family") else "",
-                                         hw.get("cpu_isa", "")) if part)
-    return f"{hw.get('cpu', '?')}" + (f" ({detail})" if detail else "")
+    family = f"family {hw['cpu_family']}" if hw.get("cpu_family") else ""
+    detail = ", ".join(filter(None, (family, hw.get("cpu_isa"))))
+    return hw.get("cpu", "?") + (f" ({detail})" if detail else "")
 
 
 def hardware_label(hw: dict[str, Any] | None) -> str:

@@ -256,9 +256,9 @@ def evaluate_method(method: str, run: Path, data: Path, out: Path, episodes: int
                      "--threads", "1", "--no-progress", "--out", str(record)])
         if step.exit:
             raise AblationError(f"`{step.command}` failed (exit {step.exit})")
-        add_provenance(record, method=method, run_dir=str(run), checkpoint_used=f"{checkpoint.name} "
-                       f"({'best validation epoch' if checkpoint.name == 'best.pt' else 'last state'}"
-                       f"{': no validation' if not (run / 'best.pt').is_file() else ''})",
+        why = ("best validation epoch" if checkpoint.name == "best.pt"
+               else "last state" if (run / "best.pt").is_file() else "last state: no validation")
+        add_provenance(record, method=method, run_dir=str(run), checkpoint_used=f"{checkpoint.name} ({why})",
                        commands={"train": read_steps(train_log), "features": features_step.command,
                                  "evaluate": step.command},
                        hardware=hardware, date=now(), added_by="scripts/ablation.py", variant=variant)
